@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine with Python 3.11:
+# Debian packages for the real mail servers, a virtualenv with the project and its test
+# extra, then ruff, mypy (strict on service/), pytest, and the container image check.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_pkgs=()
+command -v dovecot >/dev/null 2>&1 || need_pkgs+=(dovecot-pop3d)
+command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need_pkgs+=(postfix)
+if [ "${#need_pkgs[@]}" -gt 0 ]; then
+    echo "== installing Debian packages: ${need_pkgs[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    echo "postfix postfix/main_mailer_type select No configuration" | $SUDO debconf-set-selections
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_pkgs[@]}"
+fi
+
+bash scripts/venv.sh test
+
+echo "== ruff"
+.venv/bin/ruff check service tests bench
+.venv/bin/ruff format --check service tests bench
+echo "== mypy (strict, service/)"
+.venv/bin/mypy
+echo "== pytest"
+.venv/bin/python -m pytest "$@"

@@ -1,0 +1,83 @@
+"""Accounts: CRUD and the settings test (verify)."""
+
+from __future__ import annotations
+
+from litestar import Controller, delete, get, patch, post
+from litestar.params import JSONBody
+
+from service.api.dependencies import AccountId, Accounts, Tenant
+from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
+from service.api.problems import BAD_BODY, COMMON_ERRORS, NOT_FOUND
+from service.api.schemas import AccountOut, ListResponse
+from service.domain.inputs import AccountInput, AccountPatch
+
+
+class AccountController(Controller):
+    path = "/accounts"
+    tags = ["Accounts"]
+
+    @post(
+        operation_id="CreateAccount",
+        summary="Create a mail account",
+        description="Stores the POP3 and SMTP settings; passwords are encrypted at rest and"
+        " never returned. Ports default from `security`.",
+        responses={**COMMON_ERRORS, **BAD_BODY},
+    )
+    async def create_account(
+        self, data: JSONBody[AccountInput], tenant: Tenant, accounts: Accounts
+    ) -> AccountOut:
+        return AccountOut.of(await accounts.create(tenant, data))
+
+    @get(
+        operation_id="ListAccounts",
+        summary="List accounts",
+        responses=COMMON_ERRORS,
+    )
+    async def list_accounts(
+        self,
+        tenant: Tenant,
+        accounts: Accounts,
+        limit: Limit = DEFAULT_PAGE_SIZE,
+        cursor: Cursor = None,
+    ) -> ListResponse[AccountOut]:
+        page = await accounts.page(tenant, after=after_of(cursor), limit=limit)
+        return list_response(page, AccountOut.of)
+
+    @get(
+        "/{account_id:str}",
+        operation_id="GetAccount",
+        summary="Get an account",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def get_account(
+        self, account_id: AccountId, tenant: Tenant, accounts: Accounts
+    ) -> AccountOut:
+        return AccountOut.of(await accounts.get(tenant, account_id))
+
+    @patch(
+        "/{account_id:str}",
+        operation_id="UpdateAccount",
+        summary="Update an account",
+        description="Only the fields given change; nested objects merge. Changing `security`"
+        " without `port` moves a default port to the new mode's default.",
+        responses={**COMMON_ERRORS, **NOT_FOUND, **BAD_BODY},
+    )
+    async def update_account(
+        self,
+        account_id: AccountId,
+        data: JSONBody[AccountPatch],
+        tenant: Tenant,
+        accounts: Accounts,
+    ) -> AccountOut:
+        return AccountOut.of(await accounts.update(tenant, account_id, data))
+
+    @delete(
+        "/{account_id:str}",
+        operation_id="DeleteAccount",
+        summary="Delete an account with its stored mail, retrievals and outbox",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def delete_account(
+        self, account_id: AccountId, tenant: Tenant, accounts: Accounts
+    ) -> None:
+        await accounts.delete(tenant, account_id)

@@ -1,0 +1,46 @@
+"""Bearer API keys: every ``/v1`` route needs one; the key decides the caller's tenant."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from typing import Any
+
+from litestar.connection import ASGIConnection
+from litestar.handlers.base import BaseRouteHandler
+
+from service.errors import Unauthorized
+
+BEARER = "bearer "
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class KeyRing:
+    """Hashes of accepted keys with their tenants; the plain keys are not kept."""
+
+    def __init__(self, entries: list[tuple[str, str]]) -> None:
+        self._entries = [(tenant, bytes.fromhex(digest)) for tenant, digest in entries]
+
+    def tenant_of(self, presented: str) -> str | None:
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
+        found: str | None = None
+        # Compare against every entry in constant time, and do not stop at a match.
+        for tenant, expected in self._entries:
+            if hmac.compare_digest(digest, expected):
+                found = tenant
+        return found
+
+
+def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Guard: resolve the bearer key to a tenant, stored on the connection's state."""
+    header = connection.headers.get("authorization", "")
+    if not header[: len(BEARER)].lower() == BEARER:
+        raise Unauthorized("send `Authorization: Bearer <api key>`")
+    ring: KeyRing = connection.app.state.key_ring
+    tenant = ring.tenant_of(header[len(BEARER) :].strip())
+    if tenant is None:
+        raise Unauthorized("the API key is not valid")
+    connection.state.tenant = tenant

@@ -1,0 +1,99 @@
+"""Response Structs (requests are the validated inputs in ``service.domain``)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Generic, Literal, TypeVar
+
+import msgspec
+
+from service.domain.accounts import Account
+from service.domain.enums import Security
+
+T = TypeVar("T")
+
+
+class ListResponse(msgspec.Struct, Generic[T], frozen=True):
+    items: list[T]
+    next_cursor: str | None
+
+
+class IncomingOut(msgspec.Struct, frozen=True):
+    protocol: Literal["pop3"]
+    host: str
+    port: int
+    security: Security
+    username: str
+    password_set: bool
+
+
+class OutgoingOut(msgspec.Struct, frozen=True):
+    host: str
+    port: int
+    security: Security
+    username: str | None
+    password_set: bool
+    allow_insecure_auth: bool
+
+
+class RetrievalOut(msgspec.Struct, frozen=True):
+    leave_on_server: bool
+    delete_after_days: int | None
+    max_message_bytes: int | None
+    poll_interval_minutes: int | None
+
+
+class AccountOut(msgspec.Struct, frozen=True):
+    """An account as callers see it: passwords are write-only, shown as ``password_set``."""
+
+    id: str
+    name: str
+    email: str
+    display_name: str | None
+    incoming: IncomingOut
+    outgoing: OutgoingOut
+    retrieval: RetrievalOut
+    smtp_status: Literal["ok", "auth_failed"]
+    smtp_auth_failed_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, a: Account) -> AccountOut:
+        i, o, r = a.incoming, a.outgoing, a.retrieval
+        return cls(
+            id=a.id,
+            name=a.name,
+            email=a.email,
+            display_name=a.display_name,
+            incoming=IncomingOut("pop3", i.host, i.port, i.security, i.username, True),
+            outgoing=OutgoingOut(
+                o.host,
+                o.port,
+                o.security,
+                o.username,
+                o.password_encrypted is not None,
+                o.allow_insecure_auth,
+            ),
+            retrieval=RetrievalOut(
+                r.leave_on_server,
+                r.delete_after_days,
+                r.max_message_bytes,
+                r.poll_interval_minutes,
+            ),
+            smtp_status="auth_failed" if a.smtp_auth_failed_at else "ok",
+            smtp_auth_failed_at=a.smtp_auth_failed_at,
+            created_at=a.created_at,
+            updated_at=a.updated_at,
+        )
+
+
+class Health(msgspec.Struct, frozen=True):
+    status: Literal["ok"]
+    version: str
+
+
+class Readiness(msgspec.Struct, frozen=True):
+    status: Literal["ready", "not_ready"]
+    schema_version: int
+    expected_schema_version: int

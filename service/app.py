@@ -1,0 +1,141 @@
+"""The Litestar application: lifespan, dependency injection, routes, OpenAPI, errors.
+
+``create_app(settings)`` has no side effects: the database, keys and background workers
+are opened in the lifespan, so tests build apps on temporary databases.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import sys
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar, Request, Router
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme, Server
+
+from service import __version__
+from service.api.accounts import AccountController
+from service.api.auth import KeyRing, hash_key, require_api_key
+from service.api.health import HealthController
+from service.api.problems import (
+    http_exception_handler,
+    internal_error_handler,
+    service_error_handler,
+)
+from service.config import DEFAULT_TENANT, Settings
+from service.crypto import CredentialCipher, load_or_create_keys
+from service.errors import ServiceError
+from service.repository.accounts import SQLiteAccountRepository
+from service.repository.api_keys import SQLiteApiKeyRepository
+from service.repository.database import Database
+from service.services.accounts import AccountService
+
+logger = logging.getLogger("mailroom")
+
+OPENAPI_PATH = "/docs"
+GENERATED_KEY_PREFIX = "mr_"
+
+
+def openapi_config() -> OpenAPIConfig:
+    return OpenAPIConfig(
+        title="Mailroom",
+        version=__version__,
+        description=(
+            "Mail accounts as a service: POP3 retrieval into a local store, SMTP delivery"
+            " from a durable outbox. Errors are RFC 9457 `application/problem+json` with a"
+            " stable `code`."
+        ),
+        path=OPENAPI_PATH,
+        render_plugins=[JsonRenderPlugin(path="/openapi.json"), SwaggerRenderPlugin(path="/")],
+        components=Components(
+            security_schemes={
+                "BearerAuth": SecurityScheme(
+                    type="http", scheme="bearer", description="An API key of this service"
+                )
+            }
+        ),
+        servers=[Server(url="/")],
+        use_handler_docstrings=False,
+        create_examples=False,
+    )
+
+
+async def _key_ring(settings: Settings, db: Database) -> KeyRing:
+    """Configured keys, else the stored generated ones; on first start, generate one."""
+    if settings.api_keys:
+        return KeyRing([(k.tenant, hash_key(k.key)) for k in settings.api_keys])
+    repo = SQLiteApiKeyRepository(db)
+    stored = await repo.all()
+    if not stored:
+        key = GENERATED_KEY_PREFIX + secrets.token_urlsafe(32)
+        await repo.add(DEFAULT_TENANT, hash_key(key))
+        stored = await repo.all()
+        # Printed once, never logged: only its hash is stored.
+        print(
+            f"Mailroom generated an API key (shown only this once): {key}",
+            file=sys.stdout,
+            flush=True,
+        )
+    return KeyRing(stored)
+
+
+def create_app(settings: Settings) -> Litestar:
+    """Build the application for ``settings`` (nothing is opened until startup)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        db = Database(settings.database)
+        await db.open()
+        try:
+            cipher = CredentialCipher(load_or_create_keys(settings))
+            app.state.db = db
+            app.state.key_ring = await _key_ring(settings, db)
+            app.state.accounts = AccountService(
+                SQLiteAccountRepository(db),
+                cipher,
+                max_message_bytes=settings.max_message_bytes,
+            )
+            yield
+        finally:
+            await db.close()
+
+    def provide_tenant(request: Request[Any, Any, Any]) -> str:
+        tenant: str = request.state.tenant
+        return tenant
+
+    def provide_accounts(state: State) -> AccountService:
+        accounts: AccountService = state.accounts
+        return accounts
+
+    v1 = Router(
+        path="/v1",
+        guards=[require_api_key],
+        security=[{"BearerAuth": []}],
+        route_handlers=[AccountController],
+        dependencies={
+            "tenant": Provide(provide_tenant, sync_to_thread=False),
+            "accounts": Provide(provide_accounts, sync_to_thread=False),
+        },
+    )
+    return Litestar(
+        route_handlers=[HealthController, v1],
+        lifespan=[lifespan],
+        openapi_config=openapi_config(),
+        exception_handlers={
+            ServiceError: service_error_handler,
+            HTTPException: http_exception_handler,
+            Exception: internal_error_handler,
+        },
+        request_max_body_size=settings.max_request_bytes,
+        state=State({"settings": settings}),
+        debug=False,
+        logging_config=None,
+    )

@@ -1,0 +1,223 @@
+"""Settings: a frozen Struct built from ``MAILROOM_*`` environment variables.
+
+Every limit the service enforces lives here (or as a named constant next to the code that
+uses it), never as a literal in the middle of the code. ``Settings.from_env`` validates every
+value and raises ``ConfigError`` with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+ENV_PREFIX = "MAILROOM_"
+DEFAULT_TENANT = "default"
+SECRET_KEY_BYTES = 32  # AES-256-GCM
+
+
+class ConfigError(ValueError):
+    """A ``MAILROOM_*`` variable has a bad value; the message names it."""
+
+
+class ApiKey(msgspec.Struct, frozen=True):
+    """A configured bearer key and the tenant it acts for."""
+
+    tenant: str
+    key: str
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything configurable. Defaults give a working single-machine service."""
+
+    database: str = "./data/mailroom.db"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[ApiKey, ...] = ()
+    # First key encrypts; all keys decrypt (so a key can be rotated). None: key file.
+    secret_keys: tuple[bytes, ...] = ()
+    allowed_networks: tuple[IPNetwork, ...] = ()
+    ca_file: str | None = None
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+
+    # HTTP limits
+    max_request_bytes: int = 35 * 1024 * 1024  # base64 attachments of a 25 MB message
+    page_size_default: int = 50
+    page_size_max: int = 500
+
+    # Mail limits
+    max_message_bytes: int = 50 * 1024 * 1024  # POP3 download cap unless the account sets less
+    max_send_bytes: int = 25 * 1024 * 1024  # a composed outgoing message
+    max_attachment_bytes: int = 20 * 1024 * 1024  # one decoded attachment
+    max_recipients: int = 100  # to + cc + bcc of one outgoing message
+
+    # Concurrency
+    max_concurrent_retrievals: int = 8
+    smtp_concurrency: int = 8  # delivery sessions at once
+    scheduler_interval_s: float = 15.0  # how often the poll schedule is checked
+
+    # Network timeouts (seconds)
+    pop3_timeout_s: float = 60.0
+    connect_timeout_s: float = 30.0
+
+    # Delivery retry schedule: delays between attempts, then give up
+    retry_delays_s: tuple[float, ...] = (5, 30, 120, 300, 900, 1800, 3600, 7200, 14400, 28800)
+    retry_jitter: float = 0.2  # +-20 % so retries to one server do not synchronize
+    max_message_age_s: float = 5 * 24 * 3600
+
+    @property
+    def database_path(self) -> Path:
+        return Path(self.database)
+
+    @property
+    def key_file(self) -> Path:
+        """Where the generated credential key lives: beside the database."""
+        return self.database_path.with_name("mailroom.key")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read and validate the ``MAILROOM_*`` variables."""
+        env = os.environ if environ is None else environ
+
+        def get(name: str) -> str | None:
+            value = env.get(ENV_PREFIX + name)
+            return value.strip() if value is not None and value.strip() != "" else None
+
+        kwargs: dict[str, object] = {}
+        if (value := get("DATABASE")) is not None:
+            kwargs["database"] = value
+        if (value := get("HOST")) is not None:
+            kwargs["host"] = value
+        if (value := get("PORT")) is not None:
+            kwargs["port"] = _int("MAILROOM_PORT", value, 1, 65535)
+        if (value := get("API_KEYS")) is not None:
+            kwargs["api_keys"] = parse_api_keys(value)
+        if (value := get("SECRET_KEY")) is not None:
+            kwargs["secret_keys"] = tuple(
+                decode_secret_key(part, "MAILROOM_SECRET_KEY")
+                for part in value.split(",")
+                if part.strip()
+            )
+        if (value := get("ALLOWED_NETWORKS")) is not None:
+            kwargs["allowed_networks"] = parse_networks(value)
+        if (value := get("CA_FILE")) is not None:
+            if not Path(value).is_file():
+                raise ConfigError(f"MAILROOM_CA_FILE: {value!r} is not a readable file")
+            kwargs["ca_file"] = value
+        if (value := get("LOG_FORMAT")) is not None:
+            if value not in ("text", "json"):
+                raise ConfigError("MAILROOM_LOG_FORMAT: must be 'text' or 'json'")
+            kwargs["log_format"] = value
+        if (value := get("LOG_LEVEL")) is not None:
+            if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+                raise ConfigError("MAILROOM_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")
+            kwargs["log_level"] = value.upper()
+        int_settings = {
+            "MAX_REQUEST_BYTES": ("max_request_bytes", 1024, 1 << 31),
+            "MAX_MESSAGE_BYTES": ("max_message_bytes", 1024, 1 << 31),
+            "MAX_SEND_BYTES": ("max_send_bytes", 1024, 1 << 31),
+            "MAX_ATTACHMENT_BYTES": ("max_attachment_bytes", 1, 1 << 31),
+            "MAX_RECIPIENTS": ("max_recipients", 1, 10_000),
+            "MAX_CONCURRENT_RETRIEVALS": ("max_concurrent_retrievals", 1, 1000),
+            "SMTP_CONCURRENCY": ("smtp_concurrency", 1, 1000),
+        }
+        for name, (field, low, high) in int_settings.items():
+            if (value := get(name)) is not None:
+                kwargs[field] = _int(ENV_PREFIX + name, value, low, high)
+        if (value := get("RETRY_DELAYS")) is not None:
+            kwargs["retry_delays_s"] = _delays(value)
+        if (value := get("SCHEDULER_INTERVAL")) is not None:
+            kwargs["scheduler_interval_s"] = _float("MAILROOM_SCHEDULER_INTERVAL", value, 0.05)
+        if (value := get("MAX_MESSAGE_AGE")) is not None:
+            kwargs["max_message_age_s"] = _float("MAILROOM_MAX_MESSAGE_AGE", value, 1.0)
+        return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _int(name: str, value: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a whole number") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name}: {number} is outside {low}..{high}")
+    return number
+
+
+def _float(name: str, value: str, low: float) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name}: {value!r} is not a number") from None
+    if not number >= low:
+        raise ConfigError(f"{name}: {number} is below {low}")
+    return number
+
+
+def _delays(value: str) -> tuple[float, ...]:
+    parts = [part.strip() for part in value.split(",") if part.strip()]
+    if not parts:
+        raise ConfigError("MAILROOM_RETRY_DELAYS: give at least one delay in seconds")
+    return tuple(_float("MAILROOM_RETRY_DELAYS", part, 0.0) for part in parts)
+
+
+def parse_api_keys(value: str) -> tuple[ApiKey, ...]:
+    """``key`` or ``tenant:key`` entries, comma-separated."""
+    keys: list[ApiKey] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        tenant, sep, key = entry.partition(":")
+        if not sep:
+            tenant, key = DEFAULT_TENANT, entry
+        if not tenant or not tenant.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(
+                "MAILROOM_API_KEYS: a tenant name is letters, digits, '-' and '_' only"
+            )
+        if len(key) < 16 or not key.isprintable() or " " in key:
+            raise ConfigError(
+                "MAILROOM_API_KEYS: each key must be at least 16 printable characters"
+                " without spaces"
+            )
+        keys.append(ApiKey(tenant=tenant, key=key))
+    if not keys:
+        raise ConfigError("MAILROOM_API_KEYS: no key given")
+    return tuple(keys)
+
+
+def decode_secret_key(value: str, source: str) -> bytes:
+    """A 32-byte key as base64 (standard or URL-safe alphabet)."""
+    text = value.strip()
+    try:
+        key = base64.urlsafe_b64decode(text.replace("+", "-").replace("/", "_") + "==")
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{source}: not valid base64") from None
+    if len(key) != SECRET_KEY_BYTES:
+        raise ConfigError(
+            f"{source}: must decode to {SECRET_KEY_BYTES} bytes (got {len(key)});"
+            " make one with: python -c 'import os,base64;"
+            "print(base64.urlsafe_b64encode(os.urandom(32)).decode())'"
+        )
+    return key
+
+
+def parse_networks(value: str) -> tuple[IPNetwork, ...]:
+    networks: list[IPNetwork] = []
+    for raw in value.split(","):
+        entry = raw.strip()
+        if not entry:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ConfigError(f"MAILROOM_ALLOWED_NETWORKS: {entry!r} is not a CIDR") from None
+    return tuple(networks)

@@ -1,0 +1,1 @@
+"""Domain types: frozen Structs and Enums shared by every layer."""

@@ -1,0 +1,52 @@
+"""The Account aggregate: a mail identity with its POP3 and SMTP servers and policies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import msgspec
+
+from service.domain.enums import Security
+
+POP3_PORTS = {Security.TLS: 995, Security.STARTTLS: 110, Security.NONE: 110}
+SMTP_PORTS = {Security.TLS: 465, Security.STARTTLS: 587, Security.NONE: 25}
+
+
+class IncomingServer(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int
+    security: Security
+    username: str
+    password_encrypted: str
+
+
+class OutgoingServer(msgspec.Struct, frozen=True, kw_only=True):
+    host: str
+    port: int
+    security: Security
+    username: str | None = None
+    password_encrypted: str | None = None
+    allow_insecure_auth: bool = False
+
+
+class RetrievalPolicy(msgspec.Struct, frozen=True, kw_only=True):
+    leave_on_server: bool = True
+    delete_after_days: int | None = None
+    max_message_bytes: int | None = None
+    poll_interval_minutes: int | None = None
+
+
+class Account(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    tenant: str
+    name: str
+    email: str
+    display_name: str | None
+    incoming: IncomingServer
+    outgoing: OutgoingServer
+    retrieval: RetrievalPolicy
+    # Set when the SMTP server refused the credentials (535): delivery for this account
+    # pauses until the outgoing settings are updated.
+    smtp_auth_failed_at: datetime | None = None
+    created_at: datetime
+    updated_at: datetime

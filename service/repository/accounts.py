@@ -1,0 +1,142 @@
+"""Account storage: the ``AccountRepository`` protocol and its SQLite implementation."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime
+from typing import Protocol
+
+from service.domain.accounts import Account, IncomingServer, OutgoingServer, RetrievalPolicy
+from service.domain.enums import Security
+from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
+from service.repository.database import Database
+from service.repository.pages import Page, page_of
+
+_COLUMNS = (
+    "id, tenant, name, email, display_name, in_host, in_port, in_security, in_username,"
+    " in_password, out_host, out_port, out_security, out_username, out_password,"
+    " out_allow_insecure_auth, leave_on_server, delete_after_days, max_message_bytes,"
+    " poll_interval_minutes, smtp_auth_failed_at, created_at, updated_at"
+)
+
+
+class AccountRepository(Protocol):
+    async def add(self, account: Account) -> None: ...
+    async def get(self, tenant: str, account_id: str) -> Account | None: ...
+    async def get_any(self, account_id: str) -> Account | None: ...
+    async def page(self, tenant: str, *, after: str | None, limit: int) -> Page[Account]: ...
+    async def list_polled(self) -> list[Account]: ...
+    async def replace(self, account: Account) -> None: ...
+    async def delete(self, tenant: str, account_id: str) -> bool: ...
+    async def set_smtp_auth_failed(self, account_id: str, at: datetime | None) -> None: ...
+
+
+class SQLiteAccountRepository:
+    """Accounts in the ``accounts`` table; deleting one cascades to its mail."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def add(self, account: Account) -> None:
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 23)})",
+                _params(account),
+            )
+
+    async def get(self, tenant: str, account_id: str) -> Account | None:
+        row = await self._db.fetch_one(
+            f"SELECT {_COLUMNS} FROM accounts WHERE id = ? AND tenant = ?", (account_id, tenant)
+        )
+        return None if row is None else _account(row)
+
+    async def get_any(self, account_id: str) -> Account | None:
+        """An account whatever its tenant: for background work, never for callers."""
+        row = await self._db.fetch_one(
+            f"SELECT {_COLUMNS} FROM accounts WHERE id = ?", (account_id,)
+        )
+        return None if row is None else _account(row)
+
+    async def page(self, tenant: str, *, after: str | None, limit: int) -> Page[Account]:
+        rows = await self._db.fetch_all(
+            f"SELECT {_COLUMNS} FROM accounts WHERE tenant = ? AND id > ? ORDER BY id LIMIT ?",
+            (tenant, after or "", limit + 1),
+        )
+        return page_of([_account(row) for row in rows], limit, key=lambda a: a.id)
+
+    async def list_polled(self) -> list[Account]:
+        rows = await self._db.fetch_all(
+            f"SELECT {_COLUMNS} FROM accounts WHERE poll_interval_minutes IS NOT NULL"
+        )
+        return [_account(row) for row in rows]
+
+    async def replace(self, account: Account) -> None:
+        params = _params(account)
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE accounts SET "
+                + ", ".join(f"{name.strip()} = ?" for name in _COLUMNS.split(",")[2:])
+                + " WHERE id = ? AND tenant = ?",
+                (*params[2:], account.id, account.tenant),
+            )
+
+    async def delete(self, tenant: str, account_id: str) -> bool:
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM accounts WHERE id = ? AND tenant = ?", (account_id, tenant)
+            )
+            return cursor.rowcount > 0
+
+    async def set_smtp_auth_failed(self, account_id: str, at: datetime | None) -> None:
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE accounts SET smtp_auth_failed_at = ? WHERE id = ?",
+                (opt_to_text(at), account_id),
+            )
+
+
+def _params(a: Account) -> tuple[object, ...]:
+    i, o, r = a.incoming, a.outgoing, a.retrieval
+    return (
+        a.id, a.tenant, a.name, a.email, a.display_name,
+        i.host, i.port, i.security.value, i.username, i.password_encrypted,
+        o.host, o.port, o.security.value, o.username, o.password_encrypted,
+        int(o.allow_insecure_auth),
+        int(r.leave_on_server), r.delete_after_days, r.max_message_bytes,
+        r.poll_interval_minutes,
+        opt_to_text(a.smtp_auth_failed_at), to_text(a.created_at), to_text(a.updated_at),
+    )  # fmt: skip
+
+
+def _account(row: sqlite3.Row) -> Account:
+    return Account(
+        id=row["id"],
+        tenant=row["tenant"],
+        name=row["name"],
+        email=row["email"],
+        display_name=row["display_name"],
+        incoming=IncomingServer(
+            host=row["in_host"],
+            port=row["in_port"],
+            security=Security(row["in_security"]),
+            username=row["in_username"],
+            password_encrypted=row["in_password"],
+        ),
+        outgoing=OutgoingServer(
+            host=row["out_host"],
+            port=row["out_port"],
+            security=Security(row["out_security"]),
+            username=row["out_username"],
+            password_encrypted=row["out_password"],
+            allow_insecure_auth=bool(row["out_allow_insecure_auth"]),
+        ),
+        retrieval=RetrievalPolicy(
+            leave_on_server=bool(row["leave_on_server"]),
+            delete_after_days=row["delete_after_days"],
+            max_message_bytes=row["max_message_bytes"],
+            poll_interval_minutes=row["poll_interval_minutes"],
+        ),
+        smtp_auth_failed_at=opt_from_text(row["smtp_auth_failed_at"]),
+        created_at=from_text(row["created_at"]),
+        updated_at=from_text(row["updated_at"]),
+    )

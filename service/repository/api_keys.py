@@ -1,0 +1,31 @@
+"""Generated API keys: only their SHA-256 hashes are stored."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from service.domain.ids import new_id
+from service.domain.time import to_text, utcnow
+from service.repository.database import Database
+
+
+class ApiKeyRepository(Protocol):
+    async def all(self) -> list[tuple[str, str]]: ...
+    async def add(self, tenant: str, key_hash: str) -> None: ...
+
+
+class SQLiteApiKeyRepository:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def all(self) -> list[tuple[str, str]]:
+        """(tenant, key hash) pairs."""
+        rows = await self._db.fetch_all("SELECT tenant, key_hash FROM api_keys ORDER BY id")
+        return [(row["tenant"], row["key_hash"]) for row in rows]
+
+    async def add(self, tenant: str, key_hash: str) -> None:
+        async with self._db.transaction(durable=True) as conn:
+            await conn.execute(
+                "INSERT INTO api_keys (id, tenant, key_hash, created_at) VALUES (?, ?, ?, ?)",
+                (new_id("key"), tenant, key_hash, to_text(utcnow())),
+            )

@@ -1,0 +1,17 @@
+"""Errors of the storage layer; driver (sqlite3) errors are translated into these.
+
+Hierarchy::
+
+    RepositoryError          the store failed (I/O, corruption, locked too long)
+    └── DuplicateError       a uniqueness rule was hit (e.g. account + UIDL, idempotency key)
+"""
+
+from __future__ import annotations
+
+
+class RepositoryError(Exception):
+    """The store could not complete an operation."""
+
+
+class DuplicateError(RepositoryError):
+    """A row with the same unique key exists."""

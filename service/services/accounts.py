@@ -1,0 +1,254 @@
+"""Account use cases: create, read, update, delete; credentials encrypted on the way in."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from msgspec import UnsetType
+
+from service.crypto import CredentialCipher, CredentialError
+from service.domain.accounts import (
+    POP3_PORTS,
+    SMTP_PORTS,
+    Account,
+    IncomingServer,
+    OutgoingServer,
+    RetrievalPolicy,
+)
+from service.domain.enums import Security
+from service.domain.ids import new_id
+from service.domain.inputs import AccountInput, AccountPatch, OutgoingPatch
+from service.domain.time import utcnow
+from service.errors import FieldError, Invalid, NotFound, Unavailable
+from service.repository.accounts import AccountRepository
+from service.repository.pages import Page
+
+# Field names bound into each ciphertext (associated data), not secrets.
+IN_PASSWORD = "incoming.password"  # noqa: S105
+OUT_PASSWORD = "outgoing.password"  # noqa: S105
+
+# Checks an account's hosts before they are saved (the outbound connection guard);
+# raises Invalid with code ``host_not_allowed``.
+HostCheck = Callable[[Account], Awaitable[None]]
+
+
+async def _no_host_check(account: Account) -> None:
+    return None
+
+
+class Credentials(msgspec.Struct, frozen=True):
+    """Decrypted secrets of one account; only ever held in memory while connecting."""
+
+    incoming_password: str
+    outgoing_password: str | None
+
+    def __repr__(self) -> str:  # never print a password, even in a traceback
+        return "Credentials(<redacted>)"
+
+
+class AccountService:
+    def __init__(
+        self,
+        repository: AccountRepository,
+        cipher: CredentialCipher,
+        *,
+        max_message_bytes: int,
+        host_check: HostCheck = _no_host_check,
+    ) -> None:
+        self._repo = repository
+        self._cipher = cipher
+        self._max_message_bytes = max_message_bytes
+        self._host_check = host_check
+
+    async def create(self, tenant: str, data: AccountInput) -> Account:
+        account_id = new_id("acc")
+        now = utcnow()
+        self._check_cap(data.retrieval.max_message_bytes)
+        inc, out = data.incoming, data.outgoing
+        account = Account(
+            id=account_id,
+            tenant=tenant,
+            name=data.name,
+            email=data.email,
+            display_name=data.display_name,
+            incoming=IncomingServer(
+                host=inc.host,
+                port=inc.port or POP3_PORTS[inc.security],
+                security=inc.security,
+                username=inc.username,
+                password_encrypted=self._seal(inc.password, account_id, IN_PASSWORD),
+            ),
+            outgoing=OutgoingServer(
+                host=out.host,
+                port=out.port or SMTP_PORTS[out.security],
+                security=out.security,
+                username=out.username,
+                password_encrypted=(
+                    None
+                    if out.password is None
+                    else self._seal(out.password, account_id, OUT_PASSWORD)
+                ),
+                allow_insecure_auth=out.allow_insecure_auth,
+            ),
+            retrieval=RetrievalPolicy(
+                leave_on_server=data.retrieval.leave_on_server,
+                delete_after_days=data.retrieval.delete_after_days,
+                max_message_bytes=data.retrieval.max_message_bytes,
+                poll_interval_minutes=data.retrieval.poll_interval_minutes,
+            ),
+            created_at=now,
+            updated_at=now,
+        )
+        await self._host_check(account)
+        await self._repo.add(account)
+        return account
+
+    async def get(self, tenant: str, account_id: str) -> Account:
+        account = await self._repo.get(tenant, account_id)
+        if account is None:
+            raise NotFound(f"no account {account_id!r}")
+        return account
+
+    async def page(self, tenant: str, *, after: str | None, limit: int) -> Page[Account]:
+        return await self._repo.page(tenant, after=after, limit=limit)
+
+    async def update(self, tenant: str, account_id: str, patch: AccountPatch) -> Account:
+        current = await self.get(tenant, account_id)
+        changes: dict[str, object] = {}
+        for field in ("name", "email", "display_name"):
+            value = getattr(patch, field)
+            if not isinstance(value, UnsetType):
+                changes[field] = value
+        incoming = current.incoming
+        if not isinstance(patch.incoming, UnsetType):
+            p = patch.incoming
+            incoming = msgspec.structs.replace(
+                incoming,
+                **_given(p, "host", "username"),
+                **_security_and_port(incoming.security, incoming.port, p, POP3_PORTS),
+            )
+            if not isinstance(p.password, UnsetType):
+                incoming = msgspec.structs.replace(
+                    incoming, password_encrypted=self._seal(p.password, account_id, IN_PASSWORD)
+                )
+        outgoing = current.outgoing
+        smtp_auth_failed_at = current.smtp_auth_failed_at
+        if not isinstance(patch.outgoing, UnsetType):
+            outgoing = self._patch_outgoing(account_id, outgoing, patch.outgoing)
+            # New outgoing settings: give delivery another chance after an auth failure.
+            smtp_auth_failed_at = None
+        retrieval = current.retrieval
+        if not isinstance(patch.retrieval, UnsetType):
+            retrieval = msgspec.structs.replace(
+                retrieval,
+                **_given(
+                    patch.retrieval,
+                    "leave_on_server",
+                    "delete_after_days",
+                    "max_message_bytes",
+                    "poll_interval_minutes",
+                ),
+            )
+            self._check_cap(retrieval.max_message_bytes)
+            if retrieval.delete_after_days is not None and not retrieval.leave_on_server:
+                raise Invalid(
+                    "`delete_after_days` needs `leave_on_server: true`",
+                    errors=[FieldError("retrieval.delete_after_days", "needs leave_on_server")],
+                )
+        updated = msgspec.structs.replace(
+            current,
+            **changes,
+            incoming=incoming,
+            outgoing=outgoing,
+            retrieval=retrieval,
+            smtp_auth_failed_at=smtp_auth_failed_at,
+            updated_at=utcnow(),
+        )
+        await self._host_check(updated)
+        await self._repo.replace(updated)
+        return updated
+
+    def _patch_outgoing(
+        self, account_id: str, current: OutgoingServer, p: OutgoingPatch
+    ) -> OutgoingServer:
+        out = msgspec.structs.replace(
+            current,
+            **_given(p, "host", "allow_insecure_auth"),
+            **_security_and_port(current.security, current.port, p, SMTP_PORTS),
+        )
+        if not isinstance(p.username, UnsetType):
+            out = msgspec.structs.replace(out, username=p.username)
+        if not isinstance(p.password, UnsetType):
+            sealed = (
+                None if p.password is None else self._seal(p.password, account_id, OUT_PASSWORD)
+            )
+            out = msgspec.structs.replace(out, password_encrypted=sealed)
+        if (out.username is None) != (out.password_encrypted is None):
+            raise Invalid(
+                "SMTP auth needs both `username` and `password`, or neither",
+                errors=[FieldError("outgoing", "give both username and password, or neither")],
+            )
+        return out
+
+    async def delete(self, tenant: str, account_id: str) -> None:
+        if not await self._repo.delete(tenant, account_id):
+            raise NotFound(f"no account {account_id!r}")
+
+    def credentials(self, account: Account) -> Credentials:
+        """Decrypt the account's passwords for a connection (never for a response)."""
+        try:
+            incoming = self._cipher.decrypt(
+                account.incoming.password_encrypted, account_id=account.id, field=IN_PASSWORD
+            )
+            outgoing = (
+                None
+                if account.outgoing.password_encrypted is None
+                else self._cipher.decrypt(
+                    account.outgoing.password_encrypted, account_id=account.id, field=OUT_PASSWORD
+                )
+            )
+        except CredentialError as exc:
+            raise Unavailable(
+                f"stored credentials of account {account.id} cannot be decrypted:"
+                " is MAILROOM_SECRET_KEY (or the key file) the one they were stored with?",
+                code="credentials_unreadable",
+            ) from exc
+        return Credentials(incoming_password=incoming, outgoing_password=outgoing)
+
+    def _seal(self, secret: str, account_id: str, field: str) -> str:
+        return self._cipher.encrypt(secret, account_id=account_id, field=field)
+
+    def _check_cap(self, cap: int | None) -> None:
+        if cap is not None and cap > self._max_message_bytes:
+            raise Invalid(
+                f"`max_message_bytes` is above this service's limit ({self._max_message_bytes})",
+                errors=[
+                    FieldError("retrieval.max_message_bytes", f"at most {self._max_message_bytes}")
+                ],
+            )
+
+
+def _given(patch: msgspec.Struct, *fields: str) -> dict[str, object]:
+    """The named fields the patch sets (not UNSET)."""
+    return {
+        name: getattr(patch, name)
+        for name in fields
+        if not isinstance(getattr(patch, name), UnsetType)
+    }
+
+
+def _security_and_port(
+    security: Security, port: int, patch: msgspec.Struct, defaults: dict[Security, int]
+) -> dict[str, object]:
+    """A new security mode moves the port along with it when the port was the default."""
+    new_security = getattr(patch, "security")  # noqa: B009 - shared by two patch types
+    new_port = getattr(patch, "port")  # noqa: B009
+    changes: dict[str, object] = {}
+    if not isinstance(new_security, UnsetType):
+        changes["security"] = new_security
+        if isinstance(new_port, UnsetType) and port == defaults[security]:
+            changes["port"] = defaults[new_security]
+    if not isinstance(new_port, UnsetType):
+        changes["port"] = new_port
+    return changes

@@ -1,0 +1,3 @@
+"""Root test configuration: real-server fixtures live in tests/servers/ as plugins."""
+
+pytest_plugins = ["tests.servers.dovecot", "tests.servers.smtp"]
