@@ -25,6 +25,7 @@ from service import __version__
 from service.api.accounts import AccountController
 from service.api.auth import KeyRing, hash_key, require_api_key
 from service.api.health import HealthController
+from service.api.retrievals import MessageController, RetrievalController
 from service.api.problems import (
     http_exception_handler,
     internal_error_handler,
@@ -35,8 +36,15 @@ from service.crypto import CredentialCipher, load_or_create_keys
 from service.errors import ServiceError
 from service.repository.accounts import SQLiteAccountRepository
 from service.repository.api_keys import SQLiteApiKeyRepository
+from service.netguard import ConnectionGuard
 from service.repository.database import Database
+from service.repository.messages import SQLiteMessageRepository
+from service.repository.retrievals import SQLiteRetrievalRepository
 from service.services.accounts import AccountService
+from service.services.connect import MailConnector
+from service.services.messages import MessageService
+from service.services.retrieval import RetrievalService
+from service.services.scheduler import Scheduler
 
 logger = logging.getLogger("mailroom")
 
@@ -98,12 +106,43 @@ def create_app(settings: Settings) -> Litestar:
             cipher = CredentialCipher(load_or_create_keys(settings))
             app.state.db = db
             app.state.key_ring = await _key_ring(settings, db)
-            app.state.accounts = AccountService(
-                SQLiteAccountRepository(db),
+            account_repo = SQLiteAccountRepository(db)
+            connector = MailConnector(
+                ConnectionGuard(settings.allowed_networks),
+                ca_file=settings.ca_file,
+                pop3_timeout_s=settings.pop3_timeout_s,
+                connect_timeout_s=settings.connect_timeout_s,
+            )
+            accounts = AccountService(
+                account_repo,
                 cipher,
                 max_message_bytes=settings.max_message_bytes,
+                host_check=connector.check_account,
             )
-            yield
+            retrievals = SQLiteRetrievalRepository(db)
+            messages = SQLiteMessageRepository(db)
+            retrieval = RetrievalService(
+                accounts=accounts,
+                account_repo=account_repo,
+                retrievals=retrievals,
+                messages=messages,
+                connector=connector,
+                max_message_bytes=settings.max_message_bytes,
+                max_concurrent=settings.max_concurrent_retrievals,
+            )
+            scheduler = Scheduler(
+                account_repo, retrievals, retrieval, tick_s=settings.scheduler_interval_s
+            )
+            app.state.accounts = accounts
+            app.state.retrievals = retrieval
+            app.state.messages = MessageService(accounts, messages)
+            await retrieval.start()
+            scheduler.start()
+            try:
+                yield
+            finally:
+                await scheduler.stop()
+                await retrieval.stop()
         finally:
             await db.close()
 
@@ -115,14 +154,24 @@ def create_app(settings: Settings) -> Litestar:
         accounts: AccountService = state.accounts
         return accounts
 
+    def provide_retrievals(state: State) -> RetrievalService:
+        retrievals: RetrievalService = state.retrievals
+        return retrievals
+
+    def provide_messages(state: State) -> MessageService:
+        messages: MessageService = state.messages
+        return messages
+
     v1 = Router(
         path="/v1",
         guards=[require_api_key],
         security=[{"BearerAuth": []}],
-        route_handlers=[AccountController],
+        route_handlers=[AccountController, RetrievalController, MessageController],
         dependencies={
             "tenant": Provide(provide_tenant, sync_to_thread=False),
             "accounts": Provide(provide_accounts, sync_to_thread=False),
+            "retrievals": Provide(provide_retrievals, sync_to_thread=False),
+            "messages": Provide(provide_messages, sync_to_thread=False),
         },
     )
     return Litestar(

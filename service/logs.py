@@ -1,4 +1,10 @@
-"""Logging setup: plain text or one JSON object per line (``MAILROOM_LOG_FORMAT=json``)."""
+"""Logging setup: plain text or one JSON object per line (``MAILROOM_LOG_FORMAT=json``).
+
+Every line logged while a request is served carries its request id (``request_id`` in
+JSON, ``[id]`` after the logger name in text): ``configure_logging`` installs
+``service.context.RequestIdFilter`` on the handler, which reads the id that
+``service.api.middleware.RequestIdMiddleware`` put in a context variable.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,14 @@ import sys
 from datetime import UTC, datetime
 
 from service.config import Settings
+from service.context import RequestIdFilter
+
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, request_id, exception."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -26,12 +37,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class TextFormatter(logging.Formatter):
+    """``TEXT_FORMAT``: the request id in brackets after the logger name, when there is one."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = getattr(record, "request_id", None)
+        record.request_tag = f" [{request_id}]" if request_id else ""
+        return super().format(record)
+
+
 def configure_logging(settings: Settings) -> None:
+    """Send every log record to stderr in the configured format, tagged with its request id."""
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RequestIdFilter())
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

@@ -8,9 +8,21 @@ from litestar.di import NamedDependency
 from litestar.params import PathParameter
 
 from service.services.accounts import AccountService
+from service.services.messages import MessageService
+from service.services.retrieval import RetrievalService
 
 ID_MAX = 64
+MAX_ATTACHMENT_INDEX = 10_000
 
 Tenant = NamedDependency[str]
 Accounts = NamedDependency[AccountService]
+Retrievals = NamedDependency[RetrievalService]
+Messages = NamedDependency[MessageService]
+
 AccountId = Annotated[str, PathParameter(max_length=ID_MAX, description="An account id")]
+RetrievalId = Annotated[str, PathParameter(max_length=ID_MAX, description="A retrieval id")]
+MessageId = Annotated[str, PathParameter(max_length=ID_MAX, description="A stored message id")]
+AttachmentIndex = Annotated[
+    int,
+    PathParameter(ge=0, le=MAX_ATTACHMENT_INDEX, description="`index` from the attachment list"),
+]

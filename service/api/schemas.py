@@ -9,6 +9,8 @@ import msgspec
 
 from service.domain.accounts import Account
 from service.domain.enums import Security
+from service.domain.retrievals import MessageSummary
+from service.mail.parse import ParsedMessage
 
 T = TypeVar("T")
 
@@ -97,3 +99,71 @@ class Readiness(msgspec.Struct, frozen=True):
     status: Literal["ready", "not_ready"]
     schema_version: int
     expected_schema_version: int
+
+
+class HeaderOut(msgspec.Struct, frozen=True):
+    name: str
+    value: str
+
+
+class BodyOut(msgspec.Struct, frozen=True):
+    content: str
+    charset: str
+
+
+class AttachmentOut(msgspec.Struct, frozen=True):
+    index: int
+    filename: str | None
+    content_type: str
+    size: int
+    content_id: str | None
+    disposition: str | None
+
+
+class MessageDetail(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored message parsed: decoded headers, bodies and the attachment list."""
+
+    id: str
+    account_id: str
+    uidl: str
+    size: int
+    retrieved_at: datetime
+    message_id: str | None
+    from_: str | None = msgspec.field(name="from")
+    to: list[str]
+    cc: list[str]
+    subject: str | None
+    date: datetime | None
+    has_attachments: bool
+    headers: list[HeaderOut]
+    text: BodyOut | None
+    html: BodyOut | None
+    attachments: list[AttachmentOut]
+    defects: list[str]
+
+    @classmethod
+    def of(cls, s: MessageSummary, p: ParsedMessage) -> MessageDetail:
+        return cls(
+            id=s.id,
+            account_id=s.account_id,
+            uidl=s.uidl,
+            size=s.size,
+            retrieved_at=s.retrieved_at,
+            message_id=s.message_id,
+            from_=s.from_,
+            to=s.to,
+            cc=s.cc,
+            subject=s.subject,
+            date=s.date,
+            has_attachments=s.has_attachments or bool(p.attachments),
+            headers=[HeaderOut(name, value) for name, value in p.headers],
+            text=BodyOut(p.text.content, p.text.charset) if p.text else None,
+            html=BodyOut(p.html.content, p.html.charset) if p.html else None,
+            attachments=[
+                AttachmentOut(
+                    a.index, a.filename, a.content_type, a.size, a.content_id, a.disposition
+                )
+                for a in p.attachments
+            ],
+            defects=list(p.defects),
+        )

@@ -50,3 +50,5 @@ class Account(msgspec.Struct, frozen=True, kw_only=True):
     smtp_auth_failed_at: datetime | None = None
     created_at: datetime
     updated_at: datetime
+    # The POP3 server's LOGIN-DELAY, learned at the last retrieval: a floor for polling.
+    login_delay_s: int | None = None

@@ -11,3 +11,44 @@ class Security(StrEnum):
     TLS = "tls"  # implicit TLS from the first byte (POP3 995, SMTP 465)
     STARTTLS = "starttls"  # plain connect, then STLS/STARTTLS, which is required
     NONE = "none"  # plain text
+
+
+class RetrievalStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class RetrievalTrigger(StrEnum):
+    API = "api"
+    SCHEDULE = "schedule"
+
+
+class ServerMessageState(StrEnum):
+    """What Mailroom knows of a message (by UIDL) on an account's POP3 server."""
+
+    STORED = "stored"  # in the store (or stored once and deleted locally since)
+    SKIPPED = "skipped"  # larger than the account's cap: never downloaded, never deleted
+
+
+class OutgoingStatus(StrEnum):
+    QUEUED = "queued"
+    SENDING = "sending"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class RecipientStatus(StrEnum):
+    PENDING = "pending"
+    SENT = "sent"
+    DEFERRED = "deferred"
+    FAILED = "failed"
+
+
+class RecipientKind(StrEnum):
+    TO = "to"
+    CC = "cc"
+    BCC = "bcc"

@@ -16,7 +16,7 @@ _COLUMNS = (
     "id, tenant, name, email, display_name, in_host, in_port, in_security, in_username,"
     " in_password, out_host, out_port, out_security, out_username, out_password,"
     " out_allow_insecure_auth, leave_on_server, delete_after_days, max_message_bytes,"
-    " poll_interval_minutes, smtp_auth_failed_at, created_at, updated_at"
+    " poll_interval_minutes, smtp_auth_failed_at, created_at, updated_at, login_delay_s"
 )
 
 
@@ -29,6 +29,7 @@ class AccountRepository(Protocol):
     async def replace(self, account: Account) -> None: ...
     async def delete(self, tenant: str, account_id: str) -> bool: ...
     async def set_smtp_auth_failed(self, account_id: str, at: datetime | None) -> None: ...
+    async def set_login_delay(self, account_id: str, seconds: int | None) -> None: ...
 
 
 class SQLiteAccountRepository:
@@ -40,7 +41,7 @@ class SQLiteAccountRepository:
     async def add(self, account: Account) -> None:
         async with self._db.transaction() as conn:
             await conn.execute(
-                f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 23)})",
+                f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 24)})",
                 _params(account),
             )
 
@@ -94,6 +95,13 @@ class SQLiteAccountRepository:
                 (opt_to_text(at), account_id),
             )
 
+    async def set_login_delay(self, account_id: str, seconds: int | None) -> None:
+        """The server's LOGIN-DELAY (RFC 2449): the least time between two logins."""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE accounts SET login_delay_s = ? WHERE id = ?", (seconds, account_id)
+            )
+
 
 def _params(a: Account) -> tuple[object, ...]:
     i, o, r = a.incoming, a.outgoing, a.retrieval
@@ -105,6 +113,7 @@ def _params(a: Account) -> tuple[object, ...]:
         int(r.leave_on_server), r.delete_after_days, r.max_message_bytes,
         r.poll_interval_minutes,
         opt_to_text(a.smtp_auth_failed_at), to_text(a.created_at), to_text(a.updated_at),
+        a.login_delay_s,
     )  # fmt: skip
 
 
@@ -139,4 +148,5 @@ def _account(row: sqlite3.Row) -> Account:
         smtp_auth_failed_at=opt_from_text(row["smtp_auth_failed_at"]),
         created_at=from_text(row["created_at"]),
         updated_at=from_text(row["updated_at"]),
+        login_delay_s=row["login_delay_s"],
     )

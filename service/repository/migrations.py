@@ -40,6 +40,121 @@ CREATE TABLE accounts (
 CREATE INDEX accounts_tenant ON accounts (tenant, id)
 """
 
+V2_RETRIEVALS = """
+CREATE TABLE retrievals (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    trigger TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT,
+    messages_on_server INTEGER,
+    messages_downloaded INTEGER NOT NULL DEFAULT 0,
+    bytes_downloaded INTEGER NOT NULL DEFAULT 0,
+    messages_deleted INTEGER NOT NULL DEFAULT 0,
+    messages_skipped INTEGER NOT NULL DEFAULT 0,
+    error_code TEXT,
+    error_detail TEXT
+);
+CREATE INDEX retrievals_account ON retrievals (account_id, id);
+-- Never two retrievals of one account at once, enforced by the store itself.
+CREATE UNIQUE INDEX retrievals_one_active ON retrievals (account_id)
+    WHERE status IN ('queued', 'running');
+CREATE TABLE messages (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    uidl TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    retrieved_at TEXT NOT NULL,
+    message_id TEXT,
+    from_addr TEXT,
+    to_json TEXT NOT NULL,
+    cc_json TEXT NOT NULL,
+    subject TEXT,
+    date TEXT,
+    has_attachments INTEGER NOT NULL,
+    UNIQUE (account_id, uidl)
+);
+CREATE INDEX messages_account ON messages (account_id, id);
+CREATE TABLE message_bodies (
+    message_id TEXT PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+    raw BLOB NOT NULL
+);
+-- What is known of each UIDL on the server; outlives a local delete so the message
+-- is not downloaded again.
+CREATE TABLE server_messages (
+    account_id TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    uidl TEXT NOT NULL,
+    state TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (account_id, uidl)
+) WITHOUT ROWID;
+ALTER TABLE accounts ADD COLUMN login_delay_s INTEGER
+"""
+
+V3_OUTBOX = """
+-- One row per accepted send request. next_attempt_at is when the delivery worker may take
+-- it (the acceptance time for a queued message), so one index serves every due query.
+CREATE TABLE outbox (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    message_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    mail_from TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    smtputf8 INTEGER NOT NULL DEFAULT 0,
+    size INTEGER NOT NULL,
+    idempotency_key TEXT,
+    request_hash TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    next_attempt_at TEXT,
+    sent_at TEXT,
+    expires_at TEXT NOT NULL,
+    attempt_count INTEGER NOT NULL DEFAULT 0,
+    last_error_code TEXT,
+    last_error_detail TEXT,
+    UNIQUE (account_id, idempotency_key)
+);
+CREATE INDEX outbox_account ON outbox (account_id, id);
+CREATE INDEX outbox_account_status ON outbox (account_id, status, id);
+CREATE INDEX outbox_due ON outbox (account_id, next_attempt_at)
+    WHERE status IN ('queued', 'deferred');
+CREATE INDEX outbox_waiting ON outbox (next_attempt_at)
+    WHERE status IN ('queued', 'deferred');
+CREATE INDEX outbox_sending ON outbox (status) WHERE status = 'sending';
+-- The exact bytes accepted (CRLF, not dot-stuffed): what is sent, and the Sent Items copy.
+CREATE TABLE outbox_bodies (
+    outgoing_id TEXT PRIMARY KEY REFERENCES outbox (id) ON DELETE CASCADE,
+    raw BLOB NOT NULL
+);
+-- Envelope recipients, each address once, in envelope order (to, cc, bcc).
+CREATE TABLE outbox_recipients (
+    outgoing_id TEXT NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    status TEXT NOT NULL,
+    smtp_code INTEGER,
+    smtp_message TEXT,
+    PRIMARY KEY (outgoing_id, position)
+) WITHOUT ROWID;
+CREATE TABLE outbox_attempts (
+    outgoing_id TEXT NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+    seq INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    smtp_code INTEGER,
+    smtp_message TEXT,
+    error_code TEXT,
+    PRIMARY KEY (outgoing_id, seq)
+) WITHOUT ROWID
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, V1_ACCOUNTS),
+    (2, V2_RETRIEVALS),
+    (3, V3_OUTBOX),
 ]

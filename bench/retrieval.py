@@ -1,0 +1,215 @@
+"""Retrieval benchmark: Mailroom end to end vs fetchmail and mpop, same Dovecot mailbox.
+
+Run from the repository root: ``.venv/bin/python bench/retrieval.py [--messages 2000]``.
+Needs Debian's dovecot-pop3d, fetchmail and mpop. Each tool downloads the same mailbox
+(2,000 messages of about 10 KB, kept on the server) from a fresh state, 5 times; medians
+and ratios are printed. All three use plain POP3 on loopback (no TLS) so the comparison
+is of the clients, not of the ciphers. Then the service retrieves 10,000 such messages
+and its peak RSS (VmHWM) is read from /proc.
+
+(a) Mailroom: POST a retrieval over HTTP, poll until it has succeeded, then list every
+    message (pages of 500) to prove they are all queryable. A fresh database each run.
+(b) fetchmail: keep, fetchall, written to one BSMTP file (no MDA process per message).
+(c) mpop: keep, to an mbox, a fresh UIDL file each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.process import start, stop
+from tests.servers.dovecot import Mailbox, running_dovecot
+
+KEY = "bench-key-0123456789abcdef"
+REPEATS = 5
+MESSAGE_BYTES = 10 * 1024
+RSS_MESSAGES = 10_000
+PAGE = 500
+
+
+def make_message(i: int) -> bytes:
+    head = (
+        f"From: Sender {i} <sender{i}@example.com>\nTo: you@example.com\n"
+        f"Subject: Benchmark message {i}\nMessage-ID: <{i}@bench.example>\n"
+        "Date: Thu, 26 Nov 2026 07:00:00 +0000\n\n"
+    ).encode()
+    line = b"The quick brown fox jumps over the lazy dog, again and again and again.\n"
+    body = line * ((MESSAGE_BYTES - len(head)) // len(line))
+    return head + body
+
+
+def fill(mailbox: Mailbox, count: int) -> None:
+    mailbox.deliver_many(make_message(i) for i in range(count))
+
+
+def run_service(dovecot_host: str, port: int, mailbox: Mailbox, expect: int) -> tuple[float, int]:
+    """Seconds from trigger to all messages listable, and the process's peak RSS (KiB)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {
+            "MAILROOM_DATABASE": f"{tmp}/mailroom.db",
+            "MAILROOM_API_KEYS": KEY,
+            "MAILROOM_ALLOWED_NETWORKS": "127.0.0.0/8",
+            "MAILROOM_LOG_LEVEL": "WARNING",
+        }
+        proc, base = start(env)
+        try:
+            client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"})
+            account = client.post(
+                "/v1/accounts",
+                json={
+                    "name": "bench",
+                    "email": "bench@example.com",
+                    "incoming": {
+                        "host": dovecot_host,
+                        "port": port,
+                        "security": "none",
+                        "username": mailbox.user,
+                        "password": mailbox.password,
+                    },
+                    "outgoing": {"host": dovecot_host, "port": 25, "security": "none"},
+                },
+            ).json()["id"]
+            started = time.perf_counter()
+            retrieval = client.post(f"/v1/accounts/{account}/retrievals").json()["id"]
+            while True:
+                state = client.get(f"/v1/accounts/{account}/retrievals/{retrieval}").json()
+                if state["status"] in ("succeeded", "failed"):
+                    break
+                time.sleep(0.005)
+            if state["status"] != "succeeded":
+                raise SystemExit(f"retrieval failed: {state}")
+            listed, cursor = 0, None
+            while True:
+                params: dict[str, str | int] = {"limit": PAGE}
+                if cursor:
+                    params["cursor"] = cursor
+                page = client.get(f"/v1/accounts/{account}/messages", params=params).json()
+                listed += len(page["items"])
+                cursor = page["next_cursor"]
+                if not cursor:
+                    break
+            elapsed = time.perf_counter() - started
+            if listed != expect:
+                raise SystemExit(f"listed {listed} messages, expected {expect}")
+            peak = _peak_rss_kib(proc.pid)
+        finally:
+            stop(proc)
+    return elapsed, peak
+
+
+def _peak_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
+
+
+def run_fetchmail(host: str, port: int, mailbox: Mailbox, expect: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        rc = Path(tmp) / "fetchmailrc"
+        out = Path(tmp) / "out.bsmtp"
+        rc.write_text(
+            f"set no bouncemail\npoll {host} protocol pop3 port {port} timeout 60\n"
+            f'  user "{mailbox.user}" password "{mailbox.password}" is "bench" here\n'
+            f"  keep fetchall sslproto '' bsmtp {out}\n"
+        )
+        rc.chmod(0o600)
+        env = {**os.environ, "HOME": tmp, "FETCHMAILHOME": tmp}
+        started = time.perf_counter()
+        result = subprocess.run(
+            ["fetchmail", "-f", str(rc), "--nodetach", "--silent", "-i", f"{tmp}/ids"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        elapsed = time.perf_counter() - started
+        if result.returncode not in (0, 1):
+            raise SystemExit(f"fetchmail failed ({result.returncode}): {result.stderr}")
+        count = out.read_bytes().count(b"\nDATA\r\n") + out.read_bytes().startswith(b"DATA")
+        if count != expect:
+            raise SystemExit(f"fetchmail wrote {count} messages, expected {expect}")
+    return elapsed
+
+
+def run_mpop(host: str, port: int, mailbox: Mailbox, expect: int) -> float:
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "mpoprc"
+        mbox = Path(tmp) / "out.mbox"
+        mbox.touch()
+        conf.write_text(
+            f"account bench\nhost {host}\nport {port}\ntls off\nauth user\n"
+            f"user {mailbox.user}\npassword {mailbox.password}\nkeep on\n"
+            f"only_new off\nuidls_file {tmp}/uidls\ndelivery mbox {mbox}\n"
+            "account default : bench\n"
+        )
+        conf.chmod(0o600)
+        started = time.perf_counter()
+        result = subprocess.run(
+            ["mpop", "-C", str(conf), "-q", "bench"], capture_output=True, text=True, check=False
+        )
+        elapsed = time.perf_counter() - started
+        if result.returncode != 0:
+            raise SystemExit(f"mpop failed ({result.returncode}): {result.stderr}")
+        count = mbox.read_bytes().count(b"\nFrom ") + mbox.read_bytes().startswith(b"From ")
+        if count != expect:
+            raise SystemExit(f"mpop wrote {count} messages, expected {expect}")
+    return elapsed
+
+
+def median_of(label: str, fn: object, repeats: int) -> float:
+    times = [fn() for _ in range(repeats)]  # type: ignore[operator]
+    value = statistics.median(times)
+    print(f"{label:<10} median {value:.3f} s   runs: {', '.join(f'{t:.3f}' for t in times)}")
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--messages", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--rss-messages", type=int, default=RSS_MESSAGES)
+    args = parser.parse_args()
+    for tool in ("fetchmail", "mpop"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed (Debian package {tool})")
+    with running_dovecot(ssl="no") as dovecot:
+        mailbox = dovecot.add_user()
+        fill(mailbox, args.messages)
+        host, port, n = dovecot.host, dovecot.pop3_port, args.messages
+        print(f"mailbox: {n} messages of about {MESSAGE_BYTES // 1024} KB, Dovecot on loopback")
+        service_s = median_of(
+            "mailroom", lambda: run_service(host, port, mailbox, n)[0], args.repeats
+        )
+        fetchmail_s = median_of(
+            "fetchmail", lambda: run_fetchmail(host, port, mailbox, n), args.repeats
+        )
+        mpop_s = median_of("mpop", lambda: run_mpop(host, port, mailbox, n), args.repeats)
+
+        big = dovecot.add_user()
+        fill(big, args.rss_messages)
+        rss_s, peak_kib = run_service(host, port, big, args.rss_messages)
+        peak_mb = peak_kib / 1024
+        print(f"mailroom, {args.rss_messages} messages: {rss_s:.3f} s, peak RSS {peak_mb:.1f} MB")
+    print(
+        f"retrieval: service_s={service_s:.3f} fetchmail_s={fetchmail_s:.3f} mpop_s={mpop_s:.3f}"
+        f" vs_fetchmail={fetchmail_s / service_s:.2f} vs_mpop={mpop_s / service_s:.2f}"
+        f" peak_rss_mb={peak_mb:.1f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""Retrievals (POP3) and the message store."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated
+
+from litestar import Controller, Response, delete, get, post
+from litestar.openapi.datastructures import ResponseSpec
+from litestar.params import QueryParameter
+from litestar.status_codes import HTTP_202_ACCEPTED
+
+from service.api.dependencies import (
+    AccountId,
+    AttachmentIndex,
+    MessageId,
+    Messages,
+    RetrievalId,
+    Retrievals,
+    Tenant,
+)
+from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
+from service.api.problems import COMMON_ERRORS, NOT_FOUND, problem_spec
+from service.api.schemas import ListResponse, MessageDetail
+from service.domain.retrievals import MessageFilter, MessageSummary, Retrieval
+from service.mail.parse import safe_content_disposition
+
+_MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
+# Served bytes are the sender's: never let a browser run or sniff them on our origin.
+_UNTRUSTED_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox",
+}
+
+
+class RetrievalController(Controller):
+    path = "/accounts/{account_id:str}/retrievals"
+    tags = ["Retrievals"]
+
+    @post(
+        operation_id="StartRetrieval",
+        summary="Retrieve new mail from the account's POP3 server now",
+        description="Answers at once with the queued retrieval; poll it for progress."
+        " 409 `retrieval_running` (with `resource_id`) while one runs for the account.",
+        status_code=HTTP_202_ACCEPTED,
+        responses={
+            **COMMON_ERRORS,
+            **NOT_FOUND,
+            409: problem_spec("A retrieval is already running (`retrieval_running`)"),
+            429: problem_spec("Too many retrievals running (`too_many_retrievals`)"),
+        },
+    )
+    async def start_retrieval(
+        self, account_id: AccountId, tenant: Tenant, retrievals: Retrievals
+    ) -> Retrieval:
+        return await retrievals.trigger(tenant, account_id)
+
+    @get(
+        operation_id="ListRetrievals",
+        summary="List the account's retrievals, newest first",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def list_retrievals(
+        self,
+        account_id: AccountId,
+        tenant: Tenant,
+        retrievals: Retrievals,
+        limit: Limit = DEFAULT_PAGE_SIZE,
+        cursor: Cursor = None,
+    ) -> ListResponse[Retrieval]:
+        page = await retrievals.page(tenant, account_id, after=after_of(cursor), limit=limit)
+        return list_response(page, lambda r: r)
+
+    @get(
+        "/{retrieval_id:str}",
+        operation_id="GetRetrieval",
+        summary="Get a retrieval with its progress and outcome",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def get_retrieval(
+        self,
+        account_id: AccountId,
+        retrieval_id: RetrievalId,
+        tenant: Tenant,
+        retrievals: Retrievals,
+    ) -> Retrieval:
+        return await retrievals.get(tenant, account_id, retrieval_id)
+
+
+class MessageController(Controller):
+    path = "/accounts/{account_id:str}/messages"
+    tags = ["Messages"]
+
+    @get(
+        operation_id="ListMessages",
+        summary="List stored messages, newest first",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def list_messages(
+        self,
+        account_id: AccountId,
+        tenant: Tenant,
+        messages: Messages,
+        limit: Limit = DEFAULT_PAGE_SIZE,
+        cursor: Cursor = None,
+        since: Annotated[
+            datetime | None, QueryParameter(description="Retrieved at or after this time")
+        ] = None,
+        from_: Annotated[
+            str | None,
+            QueryParameter(name="from", max_length=200, description="`from` contains this"),
+        ] = None,
+        subject: Annotated[
+            str | None, QueryParameter(max_length=200, description="`subject` contains this")
+        ] = None,
+        has_attachments: Annotated[bool | None, QueryParameter()] = None,
+    ) -> ListResponse[MessageSummary]:
+        flt = MessageFilter(
+            since=since,
+            from_contains=from_,
+            subject_contains=subject,
+            has_attachments=has_attachments,
+        )
+        page = await messages.page(tenant, account_id, flt, after=after_of(cursor), limit=limit)
+        return list_response(page, lambda m: m)
+
+    @get(
+        "/{message_id:str}",
+        operation_id="GetMessage",
+        summary="Get a message parsed: headers, text and html bodies, attachment list",
+        description="Bodies are decoded to Unicode (their charset is given). A message the"
+        " parser finds malformed is still served; `defects` says what was wrong.",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def get_message(
+        self, account_id: AccountId, message_id: MessageId, tenant: Tenant, messages: Messages
+    ) -> MessageDetail:
+        summary, parsed = await messages.parsed(tenant, account_id, message_id)
+        return MessageDetail.of(summary, parsed)
+
+    @get(
+        "/{message_id:str}/raw",
+        operation_id="GetRawMessage",
+        summary="Download the exact bytes retrieved (message/rfc822)",
+        media_type="message/rfc822",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+        response_description="The message as retrieved over POP3",
+    )
+    async def get_raw_message(
+        self, account_id: AccountId, message_id: MessageId, tenant: Tenant, messages: Messages
+    ) -> Response[bytes]:
+        raw = await messages.raw(tenant, account_id, message_id)
+        return Response(
+            raw,
+            media_type="message/rfc822",
+            headers={
+                "Content-Disposition": safe_content_disposition(f"{message_id}.eml"),
+                **_UNTRUSTED_HEADERS,
+            },
+        )
+
+    @get(
+        "/{message_id:str}/attachments/{index:int}",
+        operation_id="GetAttachment",
+        summary="Download one attachment's decoded bytes",
+        responses={
+            **COMMON_ERRORS,
+            **NOT_FOUND,
+            200: ResponseSpec(
+                data_container=bytes,
+                media_type="application/octet-stream",
+                description="The attachment, with its own content type",
+                generate_examples=False,
+            ),
+        },
+    )
+    async def get_attachment(
+        self,
+        account_id: AccountId,
+        message_id: MessageId,
+        index: AttachmentIndex,
+        tenant: Tenant,
+        messages: Messages,
+    ) -> Response[bytes]:
+        found = await messages.attachment(tenant, account_id, message_id, index)
+        media = found.content_type.lower()
+        return Response(
+            found.data,
+            media_type=media if _MEDIA_TYPE.fullmatch(media) else "application/octet-stream",
+            headers={
+                "Content-Disposition": safe_content_disposition(found.filename),
+                **_UNTRUSTED_HEADERS,
+            },
+        )
+
+    @delete(
+        "/{message_id:str}",
+        operation_id="DeleteMessage",
+        summary="Delete a message from the local store (the server copy is untouched)",
+        description="Its UIDL stays known, so it is not downloaded again.",
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def delete_message(
+        self, account_id: AccountId, message_id: MessageId, tenant: Tenant, messages: Messages
+    ) -> None:
+        await messages.delete(tenant, account_id, message_id)

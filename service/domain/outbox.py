@@ -1,0 +1,272 @@
+"""The outbox: send requests as accepted, outgoing messages and what each attempt did.
+
+``SendRequest`` is the request body of SendMessage (msgspec decodes and bounds it; the
+mail rules proper, addresses, header injection, protected headers, live in
+``service.mail`` and are applied by ``service.services.sending`` so that every refusal
+carries its own stable ``code``). ``OutgoingMessage`` is what callers read back.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from service.domain.enums import OutgoingStatus, RecipientKind, RecipientStatus
+
+# Structural bounds, enforced while decoding the body: they keep a hostile request from
+# making the service allocate or loop much before the real rules run. The configurable
+# limits (settings.max_recipients, max_attachment_bytes, max_send_bytes) are checked
+# afterwards and answer with their own codes.
+MAX_ADDRESSES_PER_FIELD = 10_000  # the highest MAILROOM_MAX_RECIPIENTS accepted
+MAX_ADDRESS_CHARS = 320  # longer than any valid address (254 octets), so the mail rules speak
+MAX_SUBJECT_CHARS = 2_000  # the mail rules allow 998; beyond this, refuse while decoding
+MAX_ATTACHMENTS = 100
+MAX_FILENAME_CHARS = 1_000
+MAX_CONTENT_TYPE_CHARS = 300
+MAX_EXTRA_HEADERS = 100  # the mail rules allow 50
+MAX_HEADER_NAME_CHARS = 200
+MAX_HEADER_VALUE_CHARS = 2_000
+MAX_IDEMPOTENCY_KEY_CHARS = 200
+
+AddressText = Annotated[
+    str,
+    Meta(
+        max_length=MAX_ADDRESS_CHARS,
+        description="One plain addr-spec (`local@domain`): no display name, brackets,"
+        " comments or lists",
+        examples=["bob@example.com"],
+    ),
+]
+AddressList = Annotated[list[AddressText], Meta(max_length=MAX_ADDRESSES_PER_FIELD)]
+
+
+class AttachmentInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """One file to attach, its content in standard base64."""
+
+    filename: Annotated[str, Meta(min_length=1, max_length=MAX_FILENAME_CHARS)]
+    content_type: Annotated[
+        str,
+        Meta(
+            min_length=3,
+            max_length=MAX_CONTENT_TYPE_CHARS,
+            description="`type/subtype` without parameters; not multipart/* or message/*",
+            examples=["application/pdf"],
+        ),
+    ]
+    content_base64: Annotated[
+        str, Meta(description="The file's bytes, standard base64 (RFC 4648 section 4)")
+    ]
+
+
+class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of SendMessage. From is the account's own address and display name."""
+
+    to: AddressList = msgspec.field(default_factory=list)
+    cc: AddressList = msgspec.field(default_factory=list)
+    bcc: Annotated[
+        list[AddressText],
+        Meta(
+            max_length=MAX_ADDRESSES_PER_FIELD,
+            description="Envelope-only recipients: never written in a header",
+        ),
+    ] = msgspec.field(default_factory=list)
+    reply_to: AddressText | None = None
+    subject: Annotated[
+        str,
+        Meta(
+            max_length=MAX_SUBJECT_CHARS,
+            description="No CR, LF, control characters or line separators (422"
+            " `header_injection`, never stripped); may be empty",
+        ),
+    ]
+    text: str | None = None
+    html: str | None = None
+    attachments: Annotated[list[AttachmentInput], Meta(max_length=MAX_ATTACHMENTS)] = msgspec.field(
+        default_factory=list
+    )
+    headers: Annotated[
+        dict[
+            Annotated[str, Meta(max_length=MAX_HEADER_NAME_CHARS)],
+            Annotated[str, Meta(max_length=MAX_HEADER_VALUE_CHARS)],
+        ],
+        Meta(
+            max_length=MAX_EXTRA_HEADERS,
+            description="Extra headers. Structure, address, trace and MIME headers are"
+            " protected (422 `protected_header`)",
+            examples=[{"X-Campaign": "spring"}],
+        ),
+    ] = msgspec.field(default_factory=dict)
+
+    @property
+    def recipient_count(self) -> int:
+        return len(self.to) + len(self.cc) + len(self.bcc)
+
+
+class AttemptOutcome(StrEnum):
+    """What one delivery attempt (one SMTP transaction, or a failed connection) gave."""
+
+    SENT = "sent"  # the server accepted the message for every recipient tried
+    PARTIAL = "partial"  # accepted for some recipients; others refused or deferred
+    DEFERRED = "deferred"  # nothing accepted; will be retried
+    FAILED = "failed"  # nothing accepted; permanent
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """One delivery attempt with the server's reply (``smtp_*`` null: no reply, e.g. a
+    connection that could not be made)."""
+
+    at: datetime
+    outcome: AttemptOutcome
+    smtp_code: int | None
+    smtp_message: str | None
+    error_code: str | None
+
+
+class Recipient(msgspec.Struct, frozen=True, kw_only=True):
+    """An envelope recipient and what the server last said about it."""
+
+    address: str
+    kind: RecipientKind
+    status: RecipientStatus
+    smtp_code: int | None = None
+    smtp_message: str | None = None
+
+
+class OutgoingError(msgspec.Struct, frozen=True):
+    """Why a message failed, or why its last attempt did not deliver it."""
+
+    code: str
+    detail: str
+
+
+class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """A message in the outbox and everything that happened to it."""
+
+    id: str
+    account_id: str
+    message_id: str
+    status: OutgoingStatus
+    subject: str
+    size: int
+    created_at: datetime
+    updated_at: datetime
+    next_attempt_at: datetime | None
+    sent_at: datetime | None
+    expires_at: datetime
+    attempt_count: int
+    idempotency_key: str | None
+    recipients: list[Recipient]
+    attempts: list[Attempt]
+    error: OutgoingError | None
+
+
+class NewRecipient(msgspec.Struct, frozen=True):
+    address: str
+    kind: RecipientKind
+
+
+class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
+    """An accepted send request, ready to be committed with its exact bytes."""
+
+    id: str
+    account_id: str
+    message_id: str
+    mail_from: str
+    subject: str
+    smtputf8: bool
+    raw: bytes
+    recipients: tuple[NewRecipient, ...]
+    idempotency_key: str | None
+    request_hash: str | None
+    created_at: datetime
+    expires_at: datetime
+
+    def as_message(self) -> OutgoingMessage:
+        """The message as it stands right after acceptance."""
+        return OutgoingMessage(
+            id=self.id,
+            account_id=self.account_id,
+            message_id=self.message_id,
+            status=OutgoingStatus.QUEUED,
+            subject=self.subject,
+            size=len(self.raw),
+            created_at=self.created_at,
+            updated_at=self.created_at,
+            next_attempt_at=self.created_at,
+            sent_at=None,
+            expires_at=self.expires_at,
+            attempt_count=0,
+            idempotency_key=self.idempotency_key,
+            recipients=[
+                Recipient(address=r.address, kind=r.kind, status=RecipientStatus.PENDING)
+                for r in self.recipients
+            ],
+            attempts=[],
+            error=None,
+        )
+
+
+class ClaimedRecipient(msgspec.Struct, frozen=True):
+    position: int
+    address: str
+    status: RecipientStatus
+
+
+class ClaimedMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """A message the delivery worker took (status ``sending``) with what it needs."""
+
+    id: str
+    account_id: str
+    mail_from: str
+    smtputf8: bool
+    raw: bytes
+    attempt_count: int
+    created_at: datetime
+    expires_at: datetime
+    recipients: tuple[ClaimedRecipient, ...]
+
+    @property
+    def open_recipients(self) -> tuple[ClaimedRecipient, ...]:
+        """Recipients still to deliver to: never tried, or deferred by the server."""
+        return tuple(
+            r
+            for r in self.recipients
+            if r.status in (RecipientStatus.PENDING, RecipientStatus.DEFERRED)
+        )
+
+
+class RecipientUpdate(msgspec.Struct, frozen=True):
+    position: int
+    status: RecipientStatus
+    smtp_code: int | None
+    smtp_message: str | None
+
+
+class DeliveryOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """The result of working on one claimed message, to be written back in a batch.
+
+    ``attempt`` is None when no attempt was made (expired before trying, or released at
+    shutdown); ``count_attempt`` says whether the attempt counts against the schedule.
+    """
+
+    outgoing_id: str
+    status: OutgoingStatus
+    at: datetime
+    next_attempt_at: datetime | None
+    sent_at: datetime | None
+    attempt: Attempt | None
+    count_attempt: bool
+    recipients: tuple[RecipientUpdate, ...]
+    error: OutgoingError | None
+
+
+class DueAccount(msgspec.Struct, frozen=True):
+    """An account with messages due now, for the delivery dispatcher."""
+
+    account_id: str
+    due: int
+    updated_at: datetime

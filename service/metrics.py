@@ -1,0 +1,262 @@
+"""Prometheus metrics: what the service exposes at ``/metrics`` and how it is recorded.
+
+A :class:`Metrics` owns its own ``CollectorRegistry`` (never the process-global one), so
+several apps in one process (tests) each count their own requests. It holds:
+
+===================================  =========  ================================================
+``http_requests_total``              counter    ``method``, ``route``, ``status``
+``http_request_duration_seconds``    histogram  ``method``, ``route``
+``retrievals_total``                 counter    ``outcome`` (``succeeded`` / ``failed``)
+``messages_downloaded_total``        counter
+``bytes_downloaded_total``           counter
+``delivery_attempts_total``          counter    ``outcome`` (``sent`` / ``deferred`` / ``failed``)
+``delivery_latency_seconds``         histogram  accepted (202) -> sent
+``outbox_messages``                  gauge      ``status``: the last snapshot given to
+                                                :meth:`Metrics.set_outbox_counts`
+===================================  =========  ================================================
+
+Label cardinality is bounded: ``route`` is the matched route *template*
+(``/v1/accounts/{account_id}``), never the raw path, and ``unmatched`` when no route matched
+(404/405); ``method`` is a standard HTTP method or ``OTHER``. Outcome and status values are
+the small fixed sets of the service's enums; the known ones start at zero, so a rate over
+them exists before the first event.
+
+:class:`MetricsMiddleware` (pure ASGI) records the HTTP metrics; :func:`render` produces a
+``/metrics`` response body.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+
+from litestar.enums import ScopeType
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, choose_encoder, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+
+from service.domain.enums import OutgoingStatus, RetrievalStatus
+
+UNMATCHED_ROUTE = "unmatched"
+OTHER_METHOD = "OTHER"
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
+)
+# Status reported when the application fails without starting a response (the server
+# answers 500 in that case).
+NO_RESPONSE_STATUS = 500
+
+# Seconds. Requests: from a cached GET (~1 ms) to a large upload or a slow database.
+HTTP_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Seconds from acceptance to the server's 250: instant, or after retries that back off
+# up to hours (the retry schedule) and give up after days (max_message_age).
+DELIVERY_LATENCY_BUCKETS = (
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    300.0,
+    900.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    14400.0,
+    28800.0,
+    86400.0,
+    432000.0,
+)
+
+RETRIEVAL_OUTCOMES = (RetrievalStatus.SUCCEEDED, RetrievalStatus.FAILED)
+DELIVERY_OUTCOMES = (OutgoingStatus.SENT, OutgoingStatus.DEFERRED, OutgoingStatus.FAILED)
+OUTBOX_STATUSES = tuple(OutgoingStatus)
+
+OUTBOX_METRIC = "outbox_messages"
+OUTBOX_HELP = "Messages in the outbox by status (as of the last count)"
+
+
+class _OutboxCollector:
+    """The ``outbox_messages`` gauge, read from the last snapshot it was given.
+
+    A collector (not a ``Gauge``) because the counts come from the database: the owner sets
+    a whole snapshot, and a scrape reads it without touching the database or the event loop.
+    The snapshot is replaced by one reference assignment, so a scrape in another thread sees
+    either the old or the new one, never a mix.
+    """
+
+    def __init__(self) -> None:
+        self._counts: Mapping[str, int] = MappingProxyType(dict.fromkeys(OUTBOX_STATUSES, 0))
+
+    def set(self, counts: Mapping[str, int]) -> None:
+        snapshot = dict.fromkeys(map(str, OUTBOX_STATUSES), 0)
+        for status, count in counts.items():
+            if count < 0:
+                raise ValueError(f"outbox count for {status!r} is negative: {count}")
+            snapshot[str(status)] = int(count)
+        self._counts = MappingProxyType(snapshot)
+
+    def describe(self) -> Iterable[Metric]:
+        return [GaugeMetricFamily(OUTBOX_METRIC, OUTBOX_HELP, labels=["status"])]
+
+    def collect(self) -> Iterable[Metric]:
+        family = GaugeMetricFamily(OUTBOX_METRIC, OUTBOX_HELP, labels=["status"])
+        for status, count in sorted(self._counts.items()):
+            family.add_metric([str(status)], count)
+        return [family]
+
+
+class Metrics:
+    """Every metric of one application, in a registry of its own (``self.registry``)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.http_requests = Counter(
+            "http_requests",
+            "HTTP requests by method, route template and status",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.http_request_duration = Histogram(
+            "http_request_duration_seconds",
+            "HTTP request latency, from the request to the last byte of the response",
+            ["method", "route"],
+            buckets=HTTP_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.retrievals = Counter(
+            "retrievals", "POP3 retrievals finished, by outcome", ["outcome"], registry=registry
+        )
+        self.messages_downloaded = Counter(
+            "messages_downloaded", "Messages downloaded over POP3 and stored", registry=registry
+        )
+        self.bytes_downloaded = Counter(
+            "bytes_downloaded", "Bytes of messages downloaded over POP3", registry=registry
+        )
+        self.delivery_attempts = Counter(
+            "delivery_attempts",
+            "SMTP delivery attempts by outcome (sent, deferred for a retry, failed for good)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.delivery_latency = Histogram(
+            "delivery_latency_seconds",
+            "Time from accepting a message (202) to the SMTP server accepting it",
+            buckets=DELIVERY_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self._outbox = _OutboxCollector()
+        registry.register(self._outbox)
+        for retrieval_outcome in RETRIEVAL_OUTCOMES:
+            self.retrievals.labels(outcome=str(retrieval_outcome))
+        for delivery_outcome in DELIVERY_OUTCOMES:
+            self.delivery_attempts.labels(outcome=str(delivery_outcome))
+
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency (labels as the middleware derives them)."""
+        self.http_requests.labels(method=method, route=route, status=str(status)).inc()
+        self.http_request_duration.labels(method=method, route=route).observe(seconds)
+
+    def record_retrieval(self, outcome: str, *, messages: int = 0, size: int = 0) -> None:
+        """A retrieval finished (``RetrievalStatus.SUCCEEDED``/``FAILED``).
+
+        ``messages``/``size`` are what it downloaded and stored; a failed retrieval may have
+        stored some messages before failing. Alternatively count downloads one by one with
+        :meth:`record_download` and pass zeros here.
+        """
+        self.retrievals.labels(outcome=str(outcome)).inc()
+        self.record_download(messages=messages, size=size)
+
+    def record_download(self, *, messages: int = 1, size: int = 0) -> None:
+        """``messages`` messages totalling ``size`` bytes were downloaded and stored."""
+        if messages:
+            self.messages_downloaded.inc(messages)
+        if size:
+            self.bytes_downloaded.inc(size)
+
+    def record_delivery_attempt(self, outcome: str) -> None:
+        """One SMTP attempt ended: ``OutgoingStatus.SENT``, ``DEFERRED`` or ``FAILED``."""
+        self.delivery_attempts.labels(outcome=str(outcome)).inc()
+
+    def observe_delivery_latency(self, seconds: float) -> None:
+        """A message was sent ``seconds`` after it was accepted (call once, when sent)."""
+        self.delivery_latency.observe(max(seconds, 0.0))
+
+    def set_outbox_counts(self, counts: Mapping[str, int]) -> None:
+        """Replace the ``outbox_messages`` snapshot; statuses not given count as zero.
+
+        Cheap and synchronous: call it with counts read from the repository, periodically
+        (a worker) or just before :func:`render` in the ``/metrics`` handler.
+        """
+        self._outbox.set(counts)
+
+    def middleware(self, app: ASGIApp) -> ASGIApp:
+        """A middleware factory: ``Litestar(middleware=[metrics.middleware])`` or
+        ``wrap_router(app, metrics.middleware)`` (which also counts 404/405 as unmatched)."""
+        return MetricsMiddleware(app, self)
+
+
+def route_label(scope: Scope) -> str:
+    """The matched route template (``/v1/accounts/{account_id}``) or ``unmatched``."""
+    template = scope.get("path_template")
+    if isinstance(template, str) and template:
+        return template
+    return UNMATCHED_ROUTE
+
+
+def method_label(method: str) -> str:
+    """The request method if it is a standard one, else ``OTHER`` (bounded cardinality)."""
+    upper = method.upper()
+    return upper if upper in KNOWN_METHODS else OTHER_METHOD
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware that records ``http_requests_total`` and the latency histogram.
+
+    The route label is read from the scope after the application has run, so the same
+    class works inside Litestar's per-route middleware stack and wrapped around the router
+    (where routing failures show up as ``unmatched``). Only ``http`` scopes are measured.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != ScopeType.HTTP:
+            await self.app(scope, receive, send)
+            return
+        status = NO_RESPONSE_STATUS
+        started = time.perf_counter()
+
+        async def send_observing(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observing)
+        finally:
+            self.metrics.observe_request(
+                method_label(str(scope.get("method", ""))),
+                route_label(scope),
+                status,
+                time.perf_counter() - started,
+            )
+
+
+def render(metrics: Metrics, accept: str | None = None) -> tuple[bytes, str]:
+    """The body and content type of a ``/metrics`` response.
+
+    Prometheus text format by default; pass the request's ``Accept`` header to answer
+    OpenMetrics to a scraper that asks for it.
+    """
+    if accept:
+        encoder, content_type = choose_encoder(accept)
+        return encoder(metrics.registry), content_type
+    return generate_latest(metrics.registry), CONTENT_TYPE_LATEST

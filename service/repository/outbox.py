@@ -1,0 +1,566 @@
+"""The outbox: accepted messages, their exact bytes, recipients and delivery attempts.
+
+Two kinds of writes, two durability levels (DESIGN.md):
+
+- Acceptance (``accept``) acknowledges mail to a caller, so it commits with
+  ``synchronous=FULL`` before the 202 is sent. Concurrent acceptances share one
+  transaction and so one fsync (group commit): while one batch is being committed, the
+  requests that arrive queue up and go together in the next. Nothing is acknowledged
+  before its own commit has returned.
+- Delivery progress (``claim``, ``record``) commits with ``synchronous=NORMAL``: after a
+  power loss the last of these may roll back, and the worst that does is send a message
+  again with the same Message-ID.
+
+A message is taken for delivery by setting its status to ``sending`` (``claim``); a
+process that stops without writing the outcome leaves it there, and the next start puts
+it back in the queue (``recover_interrupted``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+from collections.abc import Collection, Iterable, Sequence
+from datetime import datetime
+from typing import Protocol
+
+import aiosqlite
+import msgspec
+
+from service.domain.enums import OutgoingStatus, RecipientKind, RecipientStatus
+from service.domain.outbox import (
+    Attempt,
+    AttemptOutcome,
+    ClaimedMessage,
+    ClaimedRecipient,
+    DeliveryOutcome,
+    DueAccount,
+    NewOutgoing,
+    OutgoingError,
+    OutgoingMessage,
+    Recipient,
+)
+from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
+from service.repository.database import Database
+from service.repository.errors import DuplicateError, RepositoryError
+from service.repository.pages import Page
+
+logger = logging.getLogger("mailroom.outbox")
+
+# Most acceptances committed in one transaction: bounds the time the write lock is held
+# (and the memory of one batch) while still sharing one fsync among many requests.
+GROUP_COMMIT_MAX = 256
+
+_COLUMNS = (
+    "id, account_id, message_id, status, subject, size, idempotency_key, created_at,"
+    " updated_at, next_attempt_at, sent_at, expires_at, attempt_count, last_error_code,"
+    " last_error_detail"
+)
+_WAITING = (OutgoingStatus.QUEUED.value, OutgoingStatus.DEFERRED.value)
+_OPEN_RECIPIENTS = (RecipientStatus.PENDING.value, RecipientStatus.DEFERRED.value)
+EXPIRED_CODE = "expired"
+INTERRUPTED_DETAIL = "the service stopped while this message was being sent"
+
+
+class ExistingKey(msgspec.Struct, frozen=True):
+    """The message an idempotency key already names, with the hash of its request."""
+
+    outgoing_id: str
+    request_hash: str | None
+
+
+class OutboxRepository(Protocol):
+    async def accept(self, message: NewOutgoing) -> ExistingKey | None: ...
+    async def find_key(self, account_id: str, key: str) -> ExistingKey | None: ...
+    async def get(self, account_id: str, outgoing_id: str) -> OutgoingMessage | None: ...
+    async def page(
+        self,
+        account_id: str,
+        status: OutgoingStatus | None,
+        *,
+        after: str | None,
+        limit: int,
+    ) -> Page[OutgoingMessage]: ...
+    async def raw(self, account_id: str, outgoing_id: str) -> bytes | None: ...
+    async def cancel(self, account_id: str, outgoing_id: str, at: datetime) -> bool: ...
+    async def recover_interrupted(self, at: datetime) -> int: ...
+    async def due_accounts(self, now: datetime, limit: int) -> list[DueAccount]: ...
+    async def next_due(self, exclude: Collection[str]) -> datetime | None: ...
+    async def claim(self, account_id: str, now: datetime, limit: int) -> list[ClaimedMessage]: ...
+    async def record(self, outcomes: Sequence[DeliveryOutcome]) -> None: ...
+    async def release(self, outgoing_ids: Collection[str], at: datetime) -> None: ...
+    async def expire_overdue(self, now: datetime) -> int: ...
+    async def note_hold(self, account_id: str, error: OutgoingError, at: datetime) -> None: ...
+
+
+class SQLiteOutboxRepository:
+    """The outbox tables over the shared ``Database`` (one writer, one reader)."""
+
+    def __init__(self, db: Database, *, group_commit_max: int = GROUP_COMMIT_MAX) -> None:
+        self._db = db
+        self._group_max = group_commit_max
+        self._pending: list[tuple[NewOutgoing, asyncio.Future[ExistingKey | None]]] = []
+        self._committer: asyncio.Task[None] | None = None
+
+    # -- acceptance (durable, group commit) --------------------------------------------
+
+    async def accept(self, message: NewOutgoing) -> ExistingKey | None:
+        """Commit ``message`` durably; return None, or the message its key already names.
+
+        Returns only after the transaction holding ``message`` has committed with
+        ``synchronous=FULL``. A cancelled caller does not undo the commit.
+        """
+        future: asyncio.Future[ExistingKey | None] = asyncio.get_running_loop().create_future()
+        self._pending.append((message, future))
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_pending(), name="outbox commit")
+        return await future
+
+    async def _commit_pending(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[: self._group_max]
+                del self._pending[: self._group_max]
+                try:
+                    results = await self._insert_batch([message for message, _ in batch])
+                except DuplicateError:
+                    # A row of the batch broke a rule (its account was just deleted, say):
+                    # commit one by one so only that request fails.
+                    await self._insert_one_by_one(batch)
+                    continue
+                except BaseException as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(
+                                exc if isinstance(exc, Exception) else RepositoryError(str(exc))
+                            )
+                    if not isinstance(exc, Exception):
+                        raise
+                    continue
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+        finally:
+            self._committer = None
+
+    async def _insert_one_by_one(
+        self, batch: list[tuple[NewOutgoing, asyncio.Future[ExistingKey | None]]]
+    ) -> None:
+        for message, future in batch:
+            try:
+                [result] = await self._insert_batch([message])
+            except Exception as exc:
+                if not future.done():
+                    future.set_exception(exc)
+            else:
+                if not future.done():
+                    future.set_result(result)
+
+    async def _insert_batch(self, messages: list[NewOutgoing]) -> list[ExistingKey | None]:
+        results: list[ExistingKey | None] = []
+        new: list[NewOutgoing] = []
+        claimed_keys: dict[tuple[str, str], ExistingKey] = {}
+        async with self._db.transaction(durable=True) as conn:
+            for message in messages:
+                key = message.idempotency_key
+                if key is not None:
+                    # Checked under the write lock, so no other acceptance can race it;
+                    # two requests with one key in the same batch: the first one wins.
+                    known = claimed_keys.get((message.account_id, key))
+                    if known is None:
+                        rows = await conn.execute_fetchall(
+                            "SELECT id, request_hash FROM outbox"
+                            " WHERE account_id = ? AND idempotency_key = ?",
+                            (message.account_id, key),
+                        )
+                        row = next(iter(rows), None)
+                        if row is not None:
+                            known = ExistingKey(row["id"], row["request_hash"])
+                    if known is not None:
+                        results.append(known)
+                        continue
+                    claimed_keys[(message.account_id, key)] = ExistingKey(
+                        message.id, message.request_hash
+                    )
+                results.append(None)
+                new.append(message)
+            if new:
+                await _insert(conn, new)
+        return results
+
+    async def find_key(self, account_id: str, key: str) -> ExistingKey | None:
+        row = await self._db.fetch_one(
+            "SELECT id, request_hash FROM outbox WHERE account_id = ? AND idempotency_key = ?",
+            (account_id, key),
+        )
+        return None if row is None else ExistingKey(row["id"], row["request_hash"])
+
+    # -- reading -----------------------------------------------------------------------
+
+    async def get(self, account_id: str, outgoing_id: str) -> OutgoingMessage | None:
+        row = await self._db.fetch_one(
+            f"SELECT {_COLUMNS} FROM outbox WHERE id = ? AND account_id = ?",
+            (outgoing_id, account_id),
+        )
+        if row is None:
+            return None
+        [message] = await self._assemble([row])
+        return message
+
+    async def page(
+        self,
+        account_id: str,
+        status: OutgoingStatus | None,
+        *,
+        after: str | None,
+        limit: int,
+    ) -> Page[OutgoingMessage]:
+        """Newest first."""
+        if status is None:
+            rows = await self._db.fetch_all(
+                f"SELECT {_COLUMNS} FROM outbox WHERE account_id = ? AND id < ?"
+                " ORDER BY id DESC LIMIT ?",
+                (account_id, after or "~", limit + 1),
+            )
+        else:
+            rows = await self._db.fetch_all(
+                f"SELECT {_COLUMNS} FROM outbox WHERE account_id = ? AND status = ?"
+                " AND id < ? ORDER BY id DESC LIMIT ?",
+                (account_id, status.value, after or "~", limit + 1),
+            )
+        messages = await self._assemble(rows[:limit])
+        more = len(rows) > limit and bool(messages)
+        return Page(items=messages, next_after=messages[-1].id if more else None)
+
+    async def _assemble(self, rows: Sequence[sqlite3.Row]) -> list[OutgoingMessage]:
+        """Rows with their recipients and attempts (two queries for the whole page)."""
+        if not rows:
+            return []
+        ids = [row["id"] for row in rows]
+        marks = ", ".join("?" * len(ids))
+        recipients: dict[str, list[Recipient]] = {i: [] for i in ids}
+        for r in await self._db.fetch_all(
+            "SELECT outgoing_id, address, kind, status, smtp_code, smtp_message"
+            f" FROM outbox_recipients WHERE outgoing_id IN ({marks})"
+            " ORDER BY outgoing_id, position",
+            ids,
+        ):
+            recipients[r["outgoing_id"]].append(
+                Recipient(
+                    address=r["address"],
+                    kind=RecipientKind(r["kind"]),
+                    status=RecipientStatus(r["status"]),
+                    smtp_code=r["smtp_code"],
+                    smtp_message=r["smtp_message"],
+                )
+            )
+        attempts: dict[str, list[Attempt]] = {i: [] for i in ids}
+        for a in await self._db.fetch_all(
+            "SELECT outgoing_id, at, outcome, smtp_code, smtp_message, error_code"
+            f" FROM outbox_attempts WHERE outgoing_id IN ({marks}) ORDER BY outgoing_id, seq",
+            ids,
+        ):
+            attempts[a["outgoing_id"]].append(
+                Attempt(
+                    at=from_text(a["at"]),
+                    outcome=AttemptOutcome(a["outcome"]),
+                    smtp_code=a["smtp_code"],
+                    smtp_message=a["smtp_message"],
+                    error_code=a["error_code"],
+                )
+            )
+        return [_message(row, recipients[row["id"]], attempts[row["id"]]) for row in rows]
+
+    async def raw(self, account_id: str, outgoing_id: str) -> bytes | None:
+        row = await self._db.fetch_one(
+            "SELECT b.raw FROM outbox_bodies b JOIN outbox o ON o.id = b.outgoing_id"
+            " WHERE o.id = ? AND o.account_id = ?",
+            (outgoing_id, account_id),
+        )
+        return None if row is None else bytes(row[0])
+
+    # -- cancelling --------------------------------------------------------------------
+
+    async def cancel(self, account_id: str, outgoing_id: str, at: datetime) -> bool:
+        """Cancel a queued or deferred message; False if it is in any other state.
+
+        The check and the change are one statement under the write lock, so a message
+        the worker has claimed (``sending``) can never be cancelled behind its back.
+        """
+        async with self._db.transaction(durable=True) as conn:
+            cursor = await conn.execute(
+                "UPDATE outbox SET status = ?, updated_at = ?, next_attempt_at = NULL"
+                " WHERE id = ? AND account_id = ? AND status IN (?, ?)",
+                (OutgoingStatus.CANCELLED.value, to_text(at), outgoing_id, account_id, *_WAITING),
+            )
+            return cursor.rowcount > 0
+
+    # -- delivery ----------------------------------------------------------------------
+
+    async def recover_interrupted(self, at: datetime) -> int:
+        """At start: messages a stopped process left ``sending`` are due again now.
+
+        One of them may have reached the server before the stop: it is sent again, with
+        the same Message-ID (at least once, never lost).
+        """
+        async with self._db.transaction(durable=True) as conn:
+            cursor = await conn.execute(
+                "UPDATE outbox SET status = CASE WHEN attempt_count = 0 THEN ? ELSE ? END,"
+                " next_attempt_at = ?, updated_at = ? WHERE status = ?",
+                (*_WAITING, to_text(at), to_text(at), OutgoingStatus.SENDING.value),
+            )
+            return cursor.rowcount
+
+    async def due_accounts(self, now: datetime, limit: int) -> list[DueAccount]:
+        """Accounts with messages due now, oldest due first; paused (535) ones left out."""
+        rows = await self._db.fetch_all(
+            "SELECT o.account_id, count(*) AS due, a.updated_at, min(o.next_attempt_at) AS first"
+            " FROM outbox o JOIN accounts a ON a.id = o.account_id"
+            " WHERE o.status IN (?, ?) AND o.next_attempt_at <= ?"
+            " AND a.smtp_auth_failed_at IS NULL"
+            " GROUP BY o.account_id ORDER BY first LIMIT ?",
+            (*_WAITING, to_text(now), limit),
+        )
+        return [
+            DueAccount(row["account_id"], int(row["due"]), from_text(row["updated_at"]))
+            for row in rows
+        ]
+
+    async def next_due(self, exclude: Collection[str]) -> datetime | None:
+        """When the next waiting message falls due, leaving out ``exclude``d accounts and
+        accounts paused for refused credentials."""
+        row = await self._db.fetch_one(
+            "SELECT min(o.next_attempt_at) FROM outbox o JOIN accounts a ON a.id = o.account_id"
+            " WHERE o.status IN (?, ?) AND a.smtp_auth_failed_at IS NULL"
+            " AND o.account_id NOT IN (SELECT value FROM json_each(?))",
+            (*_WAITING, msgspec.json.encode(sorted(exclude)).decode()),
+        )
+        return None if row is None or row[0] is None else from_text(row[0])
+
+    async def claim(self, account_id: str, now: datetime, limit: int) -> list[ClaimedMessage]:
+        """Take up to ``limit`` due messages of the account (status ``sending``)."""
+        async with self._db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE outbox SET status = ?, updated_at = ? WHERE id IN ("
+                " SELECT id FROM outbox WHERE account_id = ? AND status IN (?, ?)"
+                " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
+                " RETURNING id, mail_from, smtputf8, attempt_count, created_at, expires_at",
+                (
+                    OutgoingStatus.SENDING.value,
+                    to_text(now),
+                    account_id,
+                    *_WAITING,
+                    to_text(now),
+                    limit,
+                ),
+            )
+        if not rows:
+            return []
+        # Sorted again: RETURNING gives rows in no promised order.
+        claimed = sorted(rows, key=lambda row: str(row["id"]))
+        ids = [row["id"] for row in claimed]
+        marks = ", ".join("?" * len(ids))
+        bodies = {
+            row["outgoing_id"]: bytes(row["raw"])
+            for row in await self._db.fetch_all(
+                f"SELECT outgoing_id, raw FROM outbox_bodies WHERE outgoing_id IN ({marks})", ids
+            )
+        }
+        recipients: dict[str, list[ClaimedRecipient]] = {i: [] for i in ids}
+        for r in await self._db.fetch_all(
+            "SELECT outgoing_id, position, address, status FROM outbox_recipients"
+            f" WHERE outgoing_id IN ({marks}) ORDER BY outgoing_id, position",
+            ids,
+        ):
+            recipients[r["outgoing_id"]].append(
+                ClaimedRecipient(r["position"], r["address"], RecipientStatus(r["status"]))
+            )
+        return [
+            ClaimedMessage(
+                id=row["id"],
+                account_id=account_id,
+                mail_from=row["mail_from"],
+                smtputf8=bool(row["smtputf8"]),
+                raw=bodies[row["id"]],
+                attempt_count=row["attempt_count"],
+                created_at=from_text(row["created_at"]),
+                expires_at=from_text(row["expires_at"]),
+                recipients=tuple(recipients[row["id"]]),
+            )
+            for row in claimed
+        ]
+
+    async def record(self, outcomes: Sequence[DeliveryOutcome]) -> None:
+        """Write the outcomes of delivery work, all in one (non-durable) transaction."""
+        if not outcomes:
+            return
+        async with self._db.transaction() as conn:
+            await conn.executemany(
+                "UPDATE outbox SET status = ?, updated_at = ?, next_attempt_at = ?,"
+                " sent_at = coalesce(?, sent_at), attempt_count = attempt_count + ?,"
+                " last_error_code = ?, last_error_detail = ? WHERE id = ?",
+                [
+                    (
+                        o.status.value,
+                        to_text(o.at),
+                        opt_to_text(o.next_attempt_at),
+                        opt_to_text(o.sent_at),
+                        1 if o.count_attempt else 0,
+                        o.error.code if o.error else None,
+                        o.error.detail if o.error else None,
+                        o.outgoing_id,
+                    )
+                    for o in outcomes
+                ],
+            )
+            await conn.executemany(
+                "INSERT INTO outbox_attempts"
+                " (outgoing_id, seq, at, outcome, smtp_code, smtp_message, error_code)"
+                " VALUES (?, (SELECT count(*) + 1 FROM outbox_attempts WHERE outgoing_id = ?),"
+                " ?, ?, ?, ?, ?)",
+                [
+                    (
+                        o.outgoing_id,
+                        o.outgoing_id,
+                        to_text(o.attempt.at),
+                        o.attempt.outcome.value,
+                        o.attempt.smtp_code,
+                        o.attempt.smtp_message,
+                        o.attempt.error_code,
+                    )
+                    for o in outcomes
+                    if o.attempt is not None
+                ],
+            )
+            await conn.executemany(
+                "UPDATE outbox_recipients SET status = ?, smtp_code = ?, smtp_message = ?"
+                " WHERE outgoing_id = ? AND position = ?",
+                [
+                    (r.status.value, r.smtp_code, r.smtp_message, o.outgoing_id, r.position)
+                    for o in outcomes
+                    for r in o.recipients
+                ],
+            )
+
+    async def release(self, outgoing_ids: Collection[str], at: datetime) -> None:
+        """Give back claimed messages that were not attempted (due again at ``at``)."""
+        if not outgoing_ids:
+            return
+        ids = list(outgoing_ids)
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE outbox SET status = CASE WHEN attempt_count = 0 THEN ? ELSE ? END,"
+                " next_attempt_at = ?, updated_at = ?"
+                f" WHERE status = ? AND id IN ({', '.join('?' * len(ids))})",
+                (*_WAITING, to_text(at), to_text(at), OutgoingStatus.SENDING.value, *ids),
+            )
+
+    async def expire_overdue(self, now: datetime) -> int:
+        """Fail waiting messages past their lifetime (also those of paused accounts)."""
+        async with self._db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE outbox SET status = ?, updated_at = ?, next_attempt_at = NULL,"
+                " last_error_code = ?, last_error_detail = coalesce("
+                " 'not delivered before the message expired; last error: ' || last_error_code"
+                " || ': ' || last_error_detail, 'not delivered before the message expired')"
+                " WHERE status IN (?, ?) AND expires_at <= ? RETURNING id",
+                (
+                    OutgoingStatus.FAILED.value,
+                    to_text(now),
+                    EXPIRED_CODE,
+                    *_WAITING,
+                    to_text(now),
+                ),
+            )
+            ids = [row[0] for row in rows]
+            if ids:
+                await _fail_open_recipients(conn, ids)
+            return len(ids)
+
+    async def note_hold(self, account_id: str, error: OutgoingError, at: datetime) -> None:
+        """Tell the account's waiting messages why they are not being sent (a paused
+        account): their ``error`` shows the account-level failure."""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE outbox SET last_error_code = ?, last_error_detail = ?, updated_at = ?"
+                " WHERE account_id = ? AND status IN (?, ?)",
+                (error.code, error.detail, to_text(at), account_id, *_WAITING),
+            )
+
+
+async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> None:
+    await conn.executemany(
+        "INSERT INTO outbox (id, account_id, message_id, status, mail_from, subject, smtputf8,"
+        " size, idempotency_key, request_hash, created_at, updated_at, next_attempt_at,"
+        " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                m.id,
+                m.account_id,
+                m.message_id,
+                OutgoingStatus.QUEUED.value,
+                m.mail_from,
+                m.subject,
+                int(m.smtputf8),
+                len(m.raw),
+                m.idempotency_key,
+                m.request_hash,
+                to_text(m.created_at),
+                to_text(m.created_at),
+                to_text(m.created_at),
+                to_text(m.expires_at),
+            )
+            for m in messages
+        ],
+    )
+    await conn.executemany(
+        "INSERT INTO outbox_bodies (outgoing_id, raw) VALUES (?, ?)",
+        [(m.id, m.raw) for m in messages],
+    )
+    await conn.executemany(
+        "INSERT INTO outbox_recipients (outgoing_id, position, address, kind, status)"
+        " VALUES (?, ?, ?, ?, ?)",
+        [
+            (m.id, position, r.address, r.kind.value, RecipientStatus.PENDING.value)
+            for m in messages
+            for position, r in enumerate(m.recipients)
+        ],
+    )
+
+
+async def _fail_open_recipients(conn: aiosqlite.Connection, ids: Iterable[str]) -> None:
+    id_list = list(ids)
+    await conn.execute(
+        f"UPDATE outbox_recipients SET status = ? WHERE outgoing_id IN"
+        f" ({', '.join('?' * len(id_list))}) AND status IN (?, ?)",
+        (RecipientStatus.FAILED.value, *id_list, *_OPEN_RECIPIENTS),
+    )
+
+
+def _message(
+    row: sqlite3.Row, recipients: list[Recipient], attempts: list[Attempt]
+) -> OutgoingMessage:
+    error = (
+        None
+        if row["last_error_code"] is None
+        else OutgoingError(row["last_error_code"], row["last_error_detail"] or "")
+    )
+    return OutgoingMessage(
+        id=row["id"],
+        account_id=row["account_id"],
+        message_id=row["message_id"],
+        status=OutgoingStatus(row["status"]),
+        subject=row["subject"],
+        size=row["size"],
+        created_at=from_text(row["created_at"]),
+        updated_at=from_text(row["updated_at"]),
+        next_attempt_at=opt_from_text(row["next_attempt_at"]),
+        sent_at=opt_from_text(row["sent_at"]),
+        expires_at=from_text(row["expires_at"]),
+        attempt_count=row["attempt_count"],
+        idempotency_key=row["idempotency_key"],
+        recipients=recipients,
+        attempts=attempts,
+        error=error,
+    )

@@ -1,0 +1,66 @@
+"""Reading the message store: lists, the parsed view, raw bytes, attachments, delete."""
+
+from __future__ import annotations
+
+import asyncio
+
+from service.domain.retrievals import MessageFilter, MessageSummary
+from service.errors import NotFound
+from service.mail.parse import Attachment, AttachmentNotFound, ParsedMessage, attachment, parse
+from service.repository.messages import MessageRepository
+from service.repository.pages import Page
+from service.services.accounts import AccountService
+
+# Parsing a large message takes long enough to stall other requests: do it in a thread.
+PARSE_IN_THREAD_BYTES = 256 * 1024
+
+
+class MessageService:
+    def __init__(self, accounts: AccountService, messages: MessageRepository) -> None:
+        self._accounts = accounts
+        self._messages = messages
+
+    async def page(
+        self, tenant: str, account_id: str, flt: MessageFilter, *, after: str | None, limit: int
+    ) -> Page[MessageSummary]:
+        await self._accounts.get(tenant, account_id)
+        return await self._messages.page(account_id, flt, after=after, limit=limit)
+
+    async def summary(self, tenant: str, account_id: str, message_id: str) -> MessageSummary:
+        await self._accounts.get(tenant, account_id)
+        summary = await self._messages.get(account_id, message_id)
+        if summary is None:
+            raise NotFound(f"no message {message_id!r}")
+        return summary
+
+    async def raw(self, tenant: str, account_id: str, message_id: str) -> bytes:
+        await self._accounts.get(tenant, account_id)
+        raw = await self._messages.raw(account_id, message_id)
+        if raw is None:
+            raise NotFound(f"no message {message_id!r}")
+        return raw
+
+    async def parsed(
+        self, tenant: str, account_id: str, message_id: str
+    ) -> tuple[MessageSummary, ParsedMessage]:
+        summary = await self.summary(tenant, account_id, message_id)
+        raw = await self.raw(tenant, account_id, message_id)
+        if len(raw) >= PARSE_IN_THREAD_BYTES:
+            return summary, await asyncio.to_thread(parse, raw)
+        return summary, parse(raw)
+
+    async def attachment(
+        self, tenant: str, account_id: str, message_id: str, index: int
+    ) -> Attachment:
+        raw = await self.raw(tenant, account_id, message_id)
+        try:
+            if len(raw) >= PARSE_IN_THREAD_BYTES:
+                return await asyncio.to_thread(attachment, raw, index)
+            return attachment(raw, index)
+        except AttachmentNotFound:
+            raise NotFound(f"message {message_id!r} has no attachment {index}") from None
+
+    async def delete(self, tenant: str, account_id: str, message_id: str) -> None:
+        await self._accounts.get(tenant, account_id)
+        if not await self._messages.delete(account_id, message_id):
+            raise NotFound(f"no message {message_id!r}")
