@@ -16,9 +16,10 @@ ARG BASE=python:3.11-slim
 # --------------------------------------------------------------------------- builder
 FROM ${BASE} AS builder
 
-# Optional package-index settings for builds behind a mirror or a private index
-# (e.g. --build-arg PIP_INDEX_URL=https://mirror.example/simple). They exist only in
-# this stage, which is not part of the final image.
+# Optional package-index settings for builds behind a mirror or a private index:
+# --build-arg PIP_INDEX_URL=https://mirror.example/simple, or a pip.conf made
+# available to the build (CI bind-mounts one and passes PIP_CONFIG_FILE). They exist
+# only in this stage, which is not part of the final image.
 ARG PIP_INDEX_URL
 ARG PIP_CONFIG_FILE
 
@@ -29,7 +30,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN python3 -m venv /opt/build
 
 # Dependencies first, from pyproject.toml alone, so that this (slow) layer stays
-# cached while only the code changes.
+# cached while only the code changes. Every dependency ships binary wheels; should
+# one ever need compiling, install the compiler here: this stage is thrown away.
 COPY pyproject.toml /src/pyproject.toml
 RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/src/pyproject.toml", "rb"))["project"]["dependencies"]))' \
         > /tmp/requirements.txt \

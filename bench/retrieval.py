@@ -61,7 +61,6 @@ def run_service(dovecot_host: str, port: int, mailbox: Mailbox, expect: int) -> 
             "MAILROOM_DATABASE": f"{tmp}/mailroom.db",
             "MAILROOM_API_KEYS": KEY,
             "MAILROOM_ALLOWED_NETWORKS": "127.0.0.0/8",
-            "MAILROOM_LOG_LEVEL": "WARNING",
         }
         proc, base = start(env)
         try:

@@ -56,7 +56,8 @@ redact() { sed -E 's#([a-zA-Z][a-zA-Z0-9+.-]*://)[^/ "]+#\1<host>#g'; }
 [[ $(id -u) == 0 ]] || die "run as root (buildah with vfs storage and chroot isolation)"
 RUNROOT=/run/mailroom-ci
 [[ -d /run && -w /run ]] || RUNROOT=$CACHE/runroot
-STORE=(--storage-driver vfs --root "$CACHE/storage" --runroot "$RUNROOT")
+STORAGE=${MAILROOM_CI_STORAGE:-$CACHE/storage}
+STORE=(--storage-driver vfs --root "$STORAGE" --runroot "$RUNROOT")
 bah() { buildah "${STORE[@]}" "$@"; }
 
 # ------------------------------------------------------------------------- cleanup
@@ -237,8 +238,7 @@ log "   base ready: $BASE_HOW, ${BASE_SECS}s"
 # ------------------------------------------------------------------------- 2. build
 T_BUILD=$EPOCHREALTIME
 log "2. build: buildah bud --format docker --isolation chroot --pull-never --build-arg BASE=$BASE_IMAGE"
-python3 "$HELPERS/pip_build_config.py" --outdir "$TMP/pip" --prefix /mnt \
-	--cache-dir "$CACHE/pip-cache" >"$TMP/mounts.tsv" 2>"$TMP/pip-config.txt" ||
+python3 "$HELPERS/pip_build_config.py" --outdir "$TMP/pip" --prefix /mnt >"$TMP/mounts.tsv" 2>"$TMP/pip-config.txt" ||
 	die "$(cat "$TMP/pip-config.txt")"
 sed 's/^/   /' "$TMP/pip-config.txt"
 vols=()
@@ -373,4 +373,4 @@ size=$(bah images --format '{{.Size}}' "$IMAGE" | head -1)
 base_size=$(bah images --format '{{.Size}}' "$BASE_IMAGE" | head -1)
 log "summary: image $IMAGE $size (base $BASE_IMAGE $base_size, /opt/venv $VENV_SIZE)"
 log "summary: base ${BASE_SECS}s ($BASE_HOW), build ${BUILD_SECS}s, start+checks ${START_SECS}s, stop ${STOP_SECS}s"
-log "inspect: buildah --storage-driver vfs --root $CACHE/storage --runroot $RUNROOT images"
+log "inspect: buildah --storage-driver vfs --root $STORAGE --runroot $RUNROOT images"

@@ -25,26 +25,30 @@ from service import __version__
 from service.api.accounts import AccountController
 from service.api.auth import KeyRing, hash_key, require_api_key
 from service.api.health import HealthController
-from service.api.retrievals import MessageController, RetrievalController
+from service.api.outbox import OutboxController
 from service.api.problems import (
     http_exception_handler,
     internal_error_handler,
     service_error_handler,
 )
+from service.api.retrievals import MessageController, RetrievalController
 from service.config import DEFAULT_TENANT, Settings
 from service.crypto import CredentialCipher, load_or_create_keys
 from service.errors import ServiceError
+from service.netguard import ConnectionGuard
 from service.repository.accounts import SQLiteAccountRepository
 from service.repository.api_keys import SQLiteApiKeyRepository
-from service.netguard import ConnectionGuard
 from service.repository.database import Database
 from service.repository.messages import SQLiteMessageRepository
+from service.repository.outbox import SQLiteOutboxRepository
 from service.repository.retrievals import SQLiteRetrievalRepository
 from service.services.accounts import AccountService
 from service.services.connect import MailConnector
+from service.services.delivery import DeliveryPolicy, DeliveryWorker
 from service.services.messages import MessageService
 from service.services.retrieval import RetrievalService
 from service.services.scheduler import Scheduler
+from service.services.sending import SendingService, SendLimits
 
 logger = logging.getLogger("mailroom")
 
@@ -133,15 +137,43 @@ def create_app(settings: Settings) -> Litestar:
             scheduler = Scheduler(
                 account_repo, retrievals, retrieval, tick_s=settings.scheduler_interval_s
             )
+            outbox = SQLiteOutboxRepository(db)
+            delivery = DeliveryWorker(
+                outbox,
+                accounts,
+                account_repo,
+                connector,
+                policy=DeliveryPolicy(
+                    retry_delays_s=settings.retry_delays_s,
+                    retry_jitter=settings.retry_jitter,
+                    concurrency=settings.smtp_concurrency,
+                ),
+            )
             app.state.accounts = accounts
             app.state.retrievals = retrieval
             app.state.messages = MessageService(accounts, messages)
+            app.state.outbox = SendingService(
+                accounts,
+                outbox,
+                limits=SendLimits(
+                    max_recipients=settings.max_recipients,
+                    max_attachment_bytes=settings.max_attachment_bytes,
+                    max_send_bytes=settings.max_send_bytes,
+                    max_message_age_s=settings.max_message_age_s,
+                ),
+                on_accepted=delivery.notify,
+            )
+            app.state.delivery = delivery
             await retrieval.start()
+            await delivery.start()
             scheduler.start()
             try:
                 yield
             finally:
                 await scheduler.stop()
+                # In-flight sends get their grace period; unfinished messages are queued
+                # again before the database closes.
+                await delivery.stop()
                 await retrieval.stop()
         finally:
             await db.close()
@@ -162,16 +194,26 @@ def create_app(settings: Settings) -> Litestar:
         messages: MessageService = state.messages
         return messages
 
+    def provide_outbox(state: State) -> SendingService:
+        outbox: SendingService = state.outbox
+        return outbox
+
     v1 = Router(
         path="/v1",
         guards=[require_api_key],
         security=[{"BearerAuth": []}],
-        route_handlers=[AccountController, RetrievalController, MessageController],
+        route_handlers=[
+            AccountController,
+            RetrievalController,
+            MessageController,
+            OutboxController,
+        ],
         dependencies={
             "tenant": Provide(provide_tenant, sync_to_thread=False),
             "accounts": Provide(provide_accounts, sync_to_thread=False),
             "retrievals": Provide(provide_retrievals, sync_to_thread=False),
             "messages": Provide(provide_messages, sync_to_thread=False),
+            "outbox": Provide(provide_outbox, sync_to_thread=False),
         },
     )
     return Litestar(

@@ -13,7 +13,7 @@ image, with the mount points pre-created on the host side, so the build leaves n
 mount-point stubs behind in the image (buildah keeps the stubs of ``-v`` targets
 it had to create).
 
-Output (stdout), one mount per line: ``SOURCE<TAB>TARGET<TAB>ro|rw``; the first
+Output (stdout), one mount per line: ``SOURCE<TAB>TARGET<TAB>ro``; the first
 line mounts the output directory itself on the prefix. The generated pip.conf may
 hold credentials: it is written with mode 0600 and its values are never printed;
 stderr gets only the setting names and the mounted local paths.
@@ -90,7 +90,7 @@ class Mounts:
         self.by_source: dict[str, str] = {}
         self.lines: list[str] = []
 
-    def add(self, source: Path, mode: str = "ro") -> str:
+    def add(self, source: Path) -> str:
         key = str(source)
         if key not in self.by_source:
             name = f"m{len(self.by_source)}"
@@ -101,7 +101,7 @@ class Mounts:
                 stub.touch()
             target = f"{self.prefix}/{name}"
             self.by_source[key] = target
-            self.lines.append(f"{source}\t{target}\t{mode}")
+            self.lines.append(f"{source}\t{target}\tro")
         return self.by_source[key]
 
     def rewrite_token(self, token: str) -> str:
@@ -132,7 +132,6 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--outdir", required=True, type=Path, help="empty directory to fill")
     ap.add_argument("--prefix", default="/mnt", help="mount point inside the build")
-    ap.add_argument("--cache-dir", type=Path, help="host directory for pip's HTTP/wheel cache")
     args = ap.parse_args()
 
     outdir: Path = args.outdir
@@ -146,12 +145,6 @@ def main() -> int:
         parser.add_section(section)
         for name, value in options.items():
             parser.set(section, name, mounts.rewrite(value))
-    if args.cache_dir is not None:
-        args.cache_dir.mkdir(parents=True, exist_ok=True)
-        if not parser.has_section("global"):
-            parser.add_section("global")
-        parser.set("global", "cache-dir", mounts.add(args.cache_dir, "rw"))
-
     conf = outdir / "pip.conf"
     fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:

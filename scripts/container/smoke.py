@@ -57,7 +57,7 @@ def request(
     if key is not None:
         req.add_header("Authorization", f"Bearer {key}")
     try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
+        with urllib.request.urlopen(req, timeout=10) as resp:  # noqa: S310 (http://127.0.0.1 only)
             return resp.status, resp.read(), resp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), exc.headers.get("Content-Type", "")
@@ -149,7 +149,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
     status, body, _ = request(a.port, "POST", "/v1/accounts", account)
     check(status == 401, "POST /v1/accounts without a key -> 401", f"status {status}")
     status, body, _ = request(a.port, "POST", "/v1/accounts", account, key=a.api_key)
-    check(status == 201, "POST /v1/accounts with the key -> 201", f"status {status}: {body[:300]!r}")
+    check(
+        status == 201, "POST /v1/accounts with the key -> 201", f"status {status}: {body[:300]!r}"
+    )
     created = json.loads(body)
     check(isinstance(created, dict) and created.get("id"), "created account has an id")
     check("smoke-password" not in body.decode(), "the password is not echoed back")
@@ -168,9 +170,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
     data = Path(a.data)
     db = data / "mailroom.db"
     check(db.is_file(), "the database was created in the /data volume")
-    bad = [
-        f"{p.name} (uid {p.stat().st_uid})" for p in data.iterdir() if p.stat().st_uid != a.uid
-    ]
+    bad = [f"{p.name} (uid {p.stat().st_uid})" for p in data.iterdir() if p.stat().st_uid != a.uid]
     check(not bad, f"every file in /data belongs to uid {a.uid}", ", ".join(bad))
     loose = [
         f"{p.name} ({stat.filemode(p.stat().st_mode)})"
@@ -266,7 +266,11 @@ def cmd_rootfs(a: argparse.Namespace) -> None:
         if (root / d).is_dir()
         for p in (root / d).iterdir()
     ]
-    check(not leftovers, "no caches, wheels, sources or build mounts left in the image", ", ".join(leftovers))
+    check(
+        not leftovers,
+        "no caches, wheels, sources or build mounts left in the image",
+        ", ".join(leftovers),
+    )
     st = (root / "data").stat()
     check(
         st.st_uid == a.uid and stat.S_IMODE(st.st_mode) == 0o700,

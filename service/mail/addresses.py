@@ -201,6 +201,10 @@ def normalize_domain(value: str, *, field: str = "domain") -> str:
 def validate_display_name(value: str, *, field: str = "name") -> str:
     """Validate a display name; return it unchanged (the composer quotes/encodes it).
 
+    Specials such as ``<``, ``,`` or ``"`` are fine: the name is quoted or RFC 2047-encoded
+    as one phrase. (Leading whitespace is folding whitespace to mail parsers and may not
+    survive, as in any header.)
+
     :raises MailInputError: ``header_injection`` for line breaks and control characters,
         ``invalid_display_name`` for bidi controls, ``too_long``.
     """

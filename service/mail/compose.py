@@ -63,9 +63,10 @@ _POLICY_ASCII = email_policy.SMTP.clone(cte_type="7bit")
 _POLICY_UTF8 = email_policy.SMTPUTF8.clone(cte_type="7bit")
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_OVERLONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE_OCTETS + 1))
 _LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+# RFC 5322 phrase of atoms separated by single spaces: a display name needing no quotes.
+_PLAIN_PHRASE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*\Z")
 _MESSAGE_ID = re.compile(rf"<{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*>\Z")
 # RFC 6838 restricted-name: letters, digits and ! # $ & - ^ _ . + (first a letter/digit).
 _MIME_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
@@ -165,21 +166,21 @@ def compose(draft: Draft) -> ComposedMessage:
     policy = _POLICY_UTF8 if any(a.smtputf8 for a in header_addresses) else _POLICY_ASCII
 
     message = EmailMessage(policy=policy)
-    message["Date"] = date
-    message["From"] = _header_address(sender, from_name)
+    _set_text(message, "Date", date)
+    _set_addresses(message, "From", [(sender, from_name)])
     if reply_to is not None:
-        message["Reply-To"] = _header_address(reply_to, None)
+        _set_addresses(message, "Reply-To", [(reply_to, None)])
     if to:
-        message["To"] = [_header_address(a, None) for a in to]
+        _set_addresses(message, "To", [(a, None) for a in to])
     if cc:
-        message["Cc"] = [_header_address(a, None) for a in cc]
-    message["Subject"] = subject
-    message["Message-ID"] = message_id
+        _set_addresses(message, "Cc", [(a, None) for a in cc])
+    _set_text(message, "Subject", subject)
+    _set_text(message, "Message-ID", message_id)
     for name, value in extra_headers:
-        message[name] = value
+        _set_text(message, name, value)
     _set_body(message, text, html, attachments)
 
-    data = _LINE_BREAK_BYTES.sub(b"\r\n", message.as_bytes(policy=policy))
+    data = _crlf_only(message.as_bytes(policy=policy))
     _check_line_lengths(data)
     return ComposedMessage(
         data=data,
@@ -212,6 +213,44 @@ def _envelope(*groups: Sequence[Address]) -> tuple[str, ...]:
         for address in group:
             seen.setdefault(address.addr_spec, None)
     return tuple(seen)
+
+
+def _set_text(message: EmailMessage, name: str, value: str) -> None:
+    """Set a header whose value is already validated text.
+
+    Printable ASCII is stored as is (``set_raw``): the generator writes it unchanged when
+    it fits a line and refolds it through the policy when it does not, so the email
+    package's comparatively slow header parser only runs where it changes something.
+    """
+    if value.isascii() and value.isprintable():
+        message.set_raw(name, value)
+    else:
+        message[name] = value
+
+
+def _set_addresses(
+    message: EmailMessage, name: str, entries: Sequence[tuple[Address, str | None]]
+) -> None:
+    """Set an address header; plain ASCII mailboxes take the :func:`_set_text` fast path."""
+    if all(_plain_mailbox(address, display) for address, display in entries):
+        message.set_raw(
+            name,
+            ", ".join(
+                f"{display} <{address.addr_spec}>" if display else address.addr_spec
+                for address, display in entries
+            ),
+        )
+    else:
+        message[name] = [_header_address(address, display) for address, display in entries]
+
+
+def _plain_mailbox(address: Address, display_name: str | None) -> bool:
+    """ASCII address and a display name of atoms only: nothing to quote or encode."""
+    if address.smtputf8 or not address.domain.isascii():
+        return False
+    return not display_name or (
+        _PLAIN_PHRASE.match(display_name) is not None and "=?" not in display_name
+    )
 
 
 def _header_address(address: Address, display_name: str | None) -> HeaderAddress:
@@ -300,7 +339,7 @@ def _attachment(item: Attachment, field_name: str) -> Attachment:
             f"{match.group(1)}/* cannot be attached as a file",
             MailErrorCode.INVALID_ATTACHMENT,
         )
-    return Attachment(filename=filename, content_type=content_type, data=bytes(item.data))
+    return Attachment(filename=filename, content_type=content_type, data=item.data)
 
 
 def _set_body(
@@ -331,9 +370,17 @@ def _set_body(
 def _check_line_lengths(data: bytes) -> None:
     """Refuse to produce a line SMTP servers must reject (the email package folds and
     encodes, so only a pathological header could get here)."""
-    if _OVERLONG_LINE.search(data):
+    if max(map(len, data.split(b"\r\n"))) > MAX_LINE_OCTETS:
         raise MailInputError(
             "headers",
             f"a header line would be longer than {MAX_LINE_OCTETS} octets",
             MailErrorCode.TOO_LONG,
         )
+
+
+def _crlf_only(data: bytes) -> bytes:
+    """``data`` with every line break as CRLF (counting is much cheaper than rewriting)."""
+    crlf = data.count(b"\r\n")
+    if data.count(b"\r") == crlf and data.count(b"\n") == crlf:
+        return data
+    return _LINE_BREAK_BYTES.sub(b"\r\n", data)

@@ -89,6 +89,8 @@ HTML_CHARSET_SNIFF_BYTES: Final = 2048
 MAX_FILENAME_BYTES: Final = 255
 """Longest filename (UTF-8 bytes) offered by :func:`safe_content_disposition`."""
 
+# No charset name is longer; a longer label is not looked up (nor cached).
+_MAX_CHARSET_CHARS: Final = 64
 # Extensions longer than this are not worth keeping when a long filename is shortened.
 _MAX_KEPT_EXTENSION_CHARS: Final = 16
 
@@ -119,6 +121,8 @@ _NOT_MAIL_CHARSETS: Final = frozenset(
 
 # Mirrors email.feedparser.headerRE for field lines: a name (printable ASCII but ':'), ':'.
 _FIELD_LINE = re.compile(rb"[\x21-\x39\x3b-\x7e]*:")
+# One whole field: name, value with its continuation lines, line break (none at the end).
+_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+):([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)(?:\r?\n|\Z)")
 _BLANK_LINES: Final = frozenset({b"\n", b"\r\n", b"\r"})
 _FOLDING_WHITESPACE: Final = (0x20, 0x09)
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -132,6 +136,13 @@ _MEDIA_TYPE = re.compile(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+")
 _BOUNDARY_PARAM = re.compile(r";\s*boundary(?:\*\d*)?\*?\s*=", re.IGNORECASE)
 _NAME_PARAM = re.compile(r";\s*(?:file)?name(?:\*\d*)?\*?\s*=", re.IGNORECASE)
 _ADDRESS_SPECIALS = re.compile(r'[()<>\[\]:;@\\,."]')
+_NOT_SIMPLE_ADDRESSES = re.compile(r"[()\\:;\[\]]")  # comments, groups, escapes, literals
+_ADDR_SPEC = r'[^\s"<>,@]+@[^\s"<>,@]+'
+_SIMPLE_ADDRESS = re.compile(
+    rf'[ \t]*(?:"(?P<quoted>[^"]*)"|(?P<phrase>[^"<>,@]*?))[ \t]*<[ \t]*(?P<angle>{_ADDR_SPEC})'
+    rf"[ \t]*>[ \t]*(?:,|\Z)|[ \t]*(?P<bare>{_ADDR_SPEC})[ \t]*(?:,|\Z)"
+)
+_EMPTY_ADDRESS = re.compile(r"[ \t]*(?:,|\Z)")
 _BASE64_SEGMENT = re.compile(rb"([^=]*)(=*)")
 _BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/]")
 _WHITESPACE_BYTES = re.compile(rb"\s+")
@@ -347,18 +358,14 @@ class _HeaderSection:
 def _header_section(raw: bytes) -> _HeaderSection:
     """Split the header section off ``raw`` (see the module docstring for the rule)."""
     limit = min(len(raw), MAX_HEADER_BYTES)
-    # Find a likely end cheaply so only the header lines get split; the line walk
-    # below stays authoritative (it stops at any empty line, whatever the line endings).
-    ends = [
-        position
-        for position in (
-            raw.find(b"\n\n", 0, limit),
-            raw.find(b"\n\r\n", 0, limit),
-            raw.find(b"\r\r", 0, limit),
-        )
-        if position >= 0
-    ]
-    scan_end = min(min(ends) + 4, limit) if ends else limit
+    # Find the empty line cheaply, so that only header lines get split: look for the
+    # line ending the first line uses (searching the wrong one would scan the whole
+    # message). Any empty line found bounds the section from above; the walk below stays
+    # authoritative and stops at the first empty line, whatever the line endings.
+    first_break = raw.find(b"\n", 0, limit)
+    crlf = first_break > 0 and raw[first_break - 1] == 0x0D
+    end = raw.find(b"\r\n\r\n" if crlf else b"\n\n", 0, limit)
+    scan_end = min(end + 4, limit) if end >= 0 else limit
     lines = raw[:scan_end].splitlines(keepends=True)
 
     section = _HeaderSection()
@@ -404,12 +411,55 @@ _SUMMARY_FIELDS: Final = frozenset(
 )
 
 
-def _summarize(raw: bytes) -> MessageSummary:
-    values: dict[bytes, list[str]] = {}
+def _summary_values(raw: bytes) -> dict[bytes, list[bytes]]:
+    """The raw (folded) values of the summary fields, by lower-cased field name."""
+    values = _clean_summary_values(raw)
+    if values is not None:
+        return values
+    values = {}
     for name, lines in _header_section(raw).fields:
         key = name.lower()
         if key in _SUMMARY_FIELDS:
-            values.setdefault(key, []).append(b"".join(lines).decode("ascii", "surrogateescape"))
+            values.setdefault(key, []).append(b"".join(lines))
+    return values
+
+
+def _clean_summary_values(raw: bytes) -> dict[bytes, list[bytes]] | None:
+    """The summary fields of a plainly well-formed header section, else ``None``.
+
+    Well formed: the section ends with an empty line in the line ending of the first
+    line, holds fewer than :data:`MAX_HEADERS` lines, and is a run of fields (with
+    their continuation lines) from its first byte to its last, with no lone CR. Ingest
+    takes this path for nearly every message: one regular expression pass per field
+    instead of Python work per line. Anything else gets the full walk of
+    :func:`_header_section`, which reads the same fields from such a section.
+    """
+    limit = min(len(raw), MAX_HEADER_BYTES)
+    first_break = raw.find(b"\n", 0, limit)
+    if first_break <= 0:
+        return None
+    crlf = raw[first_break - 1] == 0x0D
+    # Searching for the other line ending would scan the whole message.
+    end = raw.find(b"\r\n\r\n" if crlf else b"\n\n", 0, limit)
+    if end < 0 or raw.count(b"\n", 0, end) >= MAX_HEADERS:
+        return None
+    values: dict[bytes, list[bytes]] = {}
+    position = 0
+    for match in _FIELD.finditer(raw, 0, end):
+        if match.start() != position:
+            return None  # something between two fields: not plain
+        position = match.end()
+        key = match[1].lower()
+        if key in _SUMMARY_FIELDS:
+            values.setdefault(key, []).append(match[2])
+    return values if position == end else None
+
+
+def _summarize(raw: bytes) -> MessageSummary:
+    values = {
+        key: [value.decode("ascii", "surrogateescape") for value in found]
+        for key, found in _summary_values(raw).items()
+    }
 
     def first(key: bytes) -> str | None:
         found = values.get(key)
@@ -461,19 +511,46 @@ def _addresses(value: str | None, defects: _Defects | None = None, name: str = "
     if value is None:
         return []
     try:
-        pairs = getaddresses([_unfold(value)])
+        pairs = _address_pairs(_unfold(value))
     except (ValueError, TypeError, IndexError, AttributeError):
         return []
     found = []
     for raw_name, raw_address in pairs:
         display = _decode_header_value(raw_name, defects, "message", name)
-        address = _CONTROL_CHARS.sub("", _eight_bit(raw_address, defects, "message", name))
-        address = address.strip()
+        address = _without_controls(_eight_bit(raw_address, defects, "message", name)).strip()
         if display and address:
             found.append(f"{_quote_display_name(display)} <{address}>")
         elif address or display:
             found.append(address or display)
     return found
+
+
+def _address_pairs(text: str) -> list[tuple[str, str]]:
+    """``(display name, address)`` pairs, as ``email.utils.getaddresses`` gives them.
+
+    Plain lists (``Name <a@b>``, ``"Quoted" <a@b>``, ``a@b``, no comments, groups or
+    escapes) are split by regular expression; ``getaddresses`` reads a character at a
+    time, which was most of the cost of a summary.
+    """
+    if _NOT_SIMPLE_ADDRESSES.search(text) is None:
+        pairs: list[tuple[str, str]] = []
+        position, length = 0, len(text)
+        while position < length:
+            match = _SIMPLE_ADDRESS.match(text, position)
+            if match is None:
+                match = _EMPTY_ADDRESS.match(text, position)
+                if match is None or match.end() == position:
+                    break  # not plain after all
+            elif match["bare"] is not None:
+                pairs.append(("", match["bare"]))
+            else:
+                quoted = match["quoted"]
+                name = quoted if quoted is not None else " ".join(match["phrase"].split())
+                pairs.append((name, match["angle"]))
+            position = match.end()
+        else:
+            return pairs
+    return getaddresses([text])
 
 
 def _quote_display_name(name: str) -> str:
@@ -501,7 +578,7 @@ def _date(value: str | None) -> datetime | None:
 def _message_id(value: str | None) -> str | None:
     if value is None:
         return None
-    text = _CONTROL_CHARS.sub("", _eight_bit(_unfold(value))).strip()
+    text = _without_controls(_eight_bit(_unfold(value))).strip()
     found = _MESSAGE_ID.search(text)
     return (found[0] if found else text) or None
 
@@ -510,14 +587,20 @@ def _message_id(value: str | None) -> str | None:
 
 
 def _unfold(value: str) -> str:
-    return _LINE_BREAK.sub("", value)
+    if "\n" in value or "\r" in value:
+        return _LINE_BREAK.sub("", value)
+    return value
+
+
+def _without_controls(text: str) -> str:
+    return text if text.isprintable() else _CONTROL_CHARS.sub("", text)
 
 
 def _eight_bit(
     value: str, defects: _Defects | None = None, where: str = "message", name: str = ""
 ) -> str:
     """Turn raw 8-bit bytes (held as surrogate escapes) into text: UTF-8, else cp1252."""
-    if not _ESCAPED_BYTES.search(value):
+    if value.isascii() or not _ESCAPED_BYTES.search(value):  # isascii() is O(1)
         return value
     data = value.encode("utf-8", "surrogateescape")
     try:
@@ -535,7 +618,9 @@ def _decode_header_value(
     text = _eight_bit(_unfold(value), defects, where, name)
     if "=?" in text:
         text = _decode_encoded_words(text, defects, where, name)
-    return _CONTROL_CHARS.sub(" ", text).strip()
+    if not text.isprintable():
+        text = _CONTROL_CHARS.sub(" ", text)
+    return text.strip()
 
 
 def _decode_encoded_words(text: str, defects: _Defects | None, where: str, name: str) -> str:
@@ -645,7 +730,7 @@ def _decode_text(data: bytes, label: str | None) -> tuple[str, str, tuple[str, s
     """
     declared = (label or "").strip().strip("\"'").lower()
     if declared:
-        candidates = _codecs_for(declared)
+        candidates = None if len(declared) > _MAX_CHARSET_CHARS else _codecs_for(declared)
         if candidates is None:
             problem = ("UnknownCharsetDefect", f"unknown charset {declared!r}")
         else:
@@ -668,11 +753,11 @@ def _decode_text(data: bytes, label: str | None) -> tuple[str, str, tuple[str, s
 
 
 def _without_surrogates(text: str) -> str:
-    # Some codecs (utf-7, cp1252 with surrogateescape input) can yield lone surrogates,
-    # which no UTF-8 encoder (JSON, SQLite) accepts.
-    if _LONE_SURROGATES.search(text):
-        return _LONE_SURROGATES.sub("\ufffd", text)
-    return text
+    # A few codecs (utf-7) can decode to lone surrogates, which no UTF-8 encoder (JSON,
+    # SQLite) accepts.
+    if text.isascii() or not _LONE_SURROGATES.search(text):
+        return text
+    return _LONE_SURROGATES.sub("\ufffd", text)
 
 
 # --- Full parse ---------------------------------------------------------------------
@@ -905,7 +990,7 @@ def _param_text(item: object) -> str:
 def _content_id(value: str | None) -> str | None:
     if value is None:
         return None
-    text = _CONTROL_CHARS.sub("", _eight_bit(_unfold(value))).strip()
+    text = _without_controls(_eight_bit(_unfold(value))).strip()
     return text.removeprefix("<").removesuffix(">").strip() or None
 
 

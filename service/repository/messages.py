@@ -88,15 +88,16 @@ class SQLiteMessageRepository:
     ) -> None:
         """Commit messages with their UIDLs and the retrieval's progress, durably."""
         async with self._db.transaction(durable=True) as conn:
+            # A UIDL stored twice would break the unique index and roll back the batch:
+            # the retrieval then fails and deletes nothing (it cannot happen while the
+            # store allows one active retrieval per account and skips known UIDLs).
             await conn.executemany(
-                f"INSERT OR IGNORE INTO messages ({_COLUMNS})"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [_params(m.summary) for m in messages],
             )
             await conn.executemany(
-                "INSERT OR IGNORE INTO message_bodies (message_id, raw)"
-                " SELECT ?, ? WHERE EXISTS (SELECT 1 FROM messages WHERE id = ?)",
-                [(m.summary.id, m.raw, m.summary.id) for m in messages],
+                "INSERT INTO message_bodies (message_id, raw) VALUES (?, ?)",
+                [(m.summary.id, m.raw) for m in messages],
             )
             await conn.executemany(
                 "INSERT OR REPLACE INTO server_messages (account_id, uidl, state, size, seen_at)"

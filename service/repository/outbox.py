@@ -414,14 +414,15 @@ class SQLiteOutboxRepository:
                     for o in outcomes
                 ],
             )
+            # WHERE EXISTS: the account (and with it the message) may have been deleted
+            # while it was being sent; its attempt then has nowhere to go.
             await conn.executemany(
                 "INSERT INTO outbox_attempts"
                 " (outgoing_id, seq, at, outcome, smtp_code, smtp_message, error_code)"
-                " VALUES (?, (SELECT count(*) + 1 FROM outbox_attempts WHERE outgoing_id = ?),"
-                " ?, ?, ?, ?, ?)",
+                " SELECT ?1, (SELECT count(*) + 1 FROM outbox_attempts WHERE outgoing_id = ?1),"
+                " ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM outbox WHERE id = ?1)",
                 [
                     (
-                        o.outgoing_id,
                         o.outgoing_id,
                         to_text(o.attempt.at),
                         o.attempt.outcome.value,

@@ -19,6 +19,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
+import msgspec
+
 from service.domain.accounts import Account
 from service.domain.enums import RetrievalStatus, RetrievalTrigger, ServerMessageState
 from service.domain.ids import new_id
@@ -299,41 +301,56 @@ class _Run:
         uidls: dict[int, str],
         sizes: dict[int, int],
     ) -> list[int]:
-        """Download, store in durable batches; return what may be deleted (committed)."""
+        """Download and store in durable batches; return what may be deleted (committed).
+
+        One batch is committed while the next downloads (at most one commit in flight),
+        so the network and the disk work at the same time.
+        """
         deletable: list[int] = []
         delete_new = not self.account.retrieval.leave_on_server
         batch: list[NewMessage] = []
-        batch_numbers: list[int] = []
-        batch_bytes = 0
+        numbers: list[int] = []
+        size = 0
+        writer: asyncio.Task[None] | None = None
 
-        async def commit() -> None:
-            nonlocal batch, batch_numbers, batch_bytes
-            if not batch:
-                return
-            self.downloaded += len(batch)
-            self.bytes += batch_bytes
-            await self.s._messages.store_batch(
-                self.account.id, batch, self.retrieval.id, self.progress()
+        async def store(batch: list[NewMessage], numbers: list[int], size: int) -> None:
+            progress = msgspec.structs.replace(
+                self.progress(),
+                messages_downloaded=self.downloaded + len(batch),
+                bytes_downloaded=self.bytes + size,
             )
+            await self.s._messages.store_batch(self.account.id, batch, self.retrieval.id, progress)
+            self.downloaded += len(batch)
+            self.bytes += size
             # Only now, with the batch committed, may its messages be deleted.
             if delete_new:
-                deletable.extend(batch_numbers)
-            batch, batch_numbers, batch_bytes = [], [], 0
+                deletable.extend(numbers)
+
+        async def flush() -> None:
+            nonlocal writer, batch, numbers, size
+            if writer is not None:
+                await writer
+                writer = None
+            if batch:
+                writer = asyncio.create_task(store(batch, numbers, size))
+                batch, numbers, size = [], [], 0
 
         try:
             async for number, raw in client.retrieve_many(wanted, max_bytes=self.cap):
                 batch.append(self._new_message(uidls[number], raw))
-                batch_numbers.append(number)
-                batch_bytes += len(raw)
-                if len(batch) >= BATCH_MESSAGES or batch_bytes >= BATCH_BYTES:
-                    await commit()
+                numbers.append(number)
+                size += len(raw)
+                if len(batch) >= BATCH_MESSAGES or size >= BATCH_BYTES:
+                    await flush()
         except MessageTooLarge as exc:
-            # Keep what was downloaded before it; remember the big one as skipped.
-            await commit()
-            if exc.number in uidls:
-                await self._skip([(uidls[exc.number], exc.listed_size or sizes.get(exc.number, 0))])
+            # Remember the big one as skipped (never deleted); what came before is kept.
+            listed = exc.listed_size or sizes.get(exc.number, 0)
+            await self._skip([(uidls[exc.number], listed)] if exc.number in uidls else [])
             raise
-        await commit()
+        finally:
+            # Whatever ended the download, keep what was downloaded before it.
+            await flush()
+            await flush()
         return deletable
 
     def _new_message(self, uidl: str, raw: bytes) -> NewMessage:

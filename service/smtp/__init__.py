@@ -27,8 +27,8 @@ from service.smtp.errors import (
     reply_is_transient,
 )
 from service.smtp.session import (
-    RecipientOutcome,
     RcptStatus,
+    RecipientOutcome,
     SendResult,
     SMTPSession,
     VerifyStep,
@@ -39,8 +39,8 @@ from service.smtp.session import (
 
 __all__ = [
     "DEFAULT_TIMEOUTS",
-    "RecipientOutcome",
     "RcptStatus",
+    "RecipientOutcome",
     "SMTPAllRecipientsRefused",
     "SMTPAuthError",
     "SMTPConnectionFailed",

@@ -99,7 +99,10 @@ class SMTPDeliveryError(Exception):
         self.transient = transient
 
     def __str__(self) -> str:
-        reply = f" ({self.smtp_code} {self.smtp_message})" if self.smtp_code is not None else ""
+        reply = ""
+        if self.smtp_code is not None:
+            text = f" {self.smtp_message}" if self.smtp_message else ""
+            reply = f" ({self.smtp_code}{text})"
         return f"{self.code} at {self.stage}: {self.detail}{reply}"
 
 

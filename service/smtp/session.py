@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import re
 import socket
 import ssl
@@ -57,11 +58,14 @@ _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
 _UNSAFE_IN_PATH = re.compile(r"[\s<>\x00-\x1f\x7f]")
 
 REPLY_SERVICE_CLOSING = 421
-REPLY_READY = 220
 REPLY_OK = 250
 REPLY_WILL_FORWARD = 251
 REPLY_START_INPUT = 354
 REPLY_MECHANISM_UNKNOWN = 504
+
+# AUTH mechanisms aiosmtplib implements (its method is auth_<name without dashes>).
+_AUTH_PREFERENCE_TLS = ("plain", "login", "cram-md5")
+_AUTH_PREFERENCE_CLEAR = ("cram-md5", "plain", "login")
 
 
 class RcptStatus(StrEnum):
@@ -159,6 +163,31 @@ def prepare_data(message: bytes) -> tuple[bytes, int]:
     return stuffed + b".\r\n", size
 
 
+MAX_CACHED_TLS_CONTEXTS = 32
+_tls_contexts: dict[tuple[str | None, int, int, int], ssl.SSLContext] = {}
+
+
+async def _client_context(ca_file: str | None) -> ssl.SSLContext:
+    """A verifying client context, shared by all sessions with the same CA file.
+
+    Building one loads the system CA store (tens of milliseconds), so it is done once, in
+    a thread; the file's identity, mtime and size are part of the key, so a replaced CA
+    file is picked up by the next session.
+    """
+    if ca_file is None:
+        key: tuple[str | None, int, int, int] = (None, 0, 0, 0)
+    else:
+        stat = os.stat(ca_file)
+        key = (ca_file, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    context = _tls_contexts.get(key)
+    if context is None:
+        context = await asyncio.to_thread(client_context, ca_file)
+        if len(_tls_contexts) >= MAX_CACHED_TLS_CONTEXTS:
+            _tls_contexts.pop(next(iter(_tls_contexts)))  # the oldest entry
+        _tls_contexts[key] = context
+    return context
+
+
 def _reply_line(response: SMTPResponse) -> str:
     return f"{response.code} {response.message.splitlines()[0] if response.message else ''}"
 
@@ -218,6 +247,7 @@ class SMTPSession:
         if self._smtp is not None:
             raise RuntimeError("session is already open")
         self._steps = []
+        self._encrypted = False
         try:
             await self._open()
         except SMTPDeliveryError as exc:
@@ -272,7 +302,7 @@ class SMTPSession:
         server = self.server
         timeouts = server.timeouts
         implicit_tls = server.security is Security.TLS
-        context = self._tls_context() if server.security is not Security.NONE else None
+        context = await self._tls_context() if server.security is not Security.NONE else None
 
         sock = await self._dial()
         smtp = aiosmtplib.SMTP(
@@ -306,9 +336,9 @@ class SMTPSession:
         if server.has_credentials:
             await self._authenticate()
 
-    def _tls_context(self) -> ssl.SSLContext:
+    async def _tls_context(self) -> ssl.SSLContext:
         try:
-            return client_context(self.server.ca_file)
+            return await _client_context(self.server.ca_file)
         except (OSError, ssl.SSLError) as exc:
             raise SMTPSecurityError(
                 SMTPErrorCode.TLS_FAILED,
@@ -363,7 +393,7 @@ class SMTPSession:
             ) from exc
 
     async def _ehlo(self, stage: SMTPStage) -> None:
-        smtp = self._require()
+        smtp = self._require(stage)
         try:
             await smtp.ehlo(timeout=self.server.timeouts.command)
         except aiosmtplib.SMTPHeloError as exc:
@@ -383,7 +413,7 @@ class SMTPSession:
             raise self._translate(exc, stage) from exc
 
     async def _starttls(self, context: ssl.SSLContext) -> None:
-        smtp = self._require()
+        smtp = self._require(SMTPStage.STARTTLS)
         if not smtp.supports_extension("starttls"):
             raise SMTPSecurityError(
                 SMTPErrorCode.TLS_REQUIRED,
@@ -415,7 +445,7 @@ class SMTPSession:
         self._steps.append(VerifyStep(VerifyStepName.TLS, True, None, self._tls_detail()))
 
     def _tls_detail(self) -> str:
-        smtp = self._require()
+        smtp = self._require(SMTPStage.TLS)
         ssl_object = smtp.get_transport_info("ssl_object")
         if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
             return f"certificate verified for {self.server.host}"
@@ -425,7 +455,7 @@ class SMTPSession:
 
     async def _authenticate(self) -> None:
         server = self.server
-        smtp = self._require()
+        smtp = self._require(SMTPStage.AUTH)
         assert server.username is not None and server.password is not None
         if not self._encrypted and not server.allow_insecure_auth:
             raise SMTPSecurityError(
@@ -435,7 +465,10 @@ class SMTPSession:
                 stage=SMTPStage.AUTH,
             )
         offered = " ".join(smtp.server_auth_methods) or "none"
-        mechanisms = smtp.supported_auth_methods
+        # Over TLS, PLAIN is the most widely working; in clear (only when explicitly
+        # allowed), CRAM-MD5 at least keeps the password itself off the wire.
+        preference = _AUTH_PREFERENCE_TLS if self._encrypted else _AUTH_PREFERENCE_CLEAR
+        mechanisms = [m for m in preference if m in smtp.server_auth_methods]
         if not smtp.supports_extension("auth") or not mechanisms:
             hint = "" if self._encrypted else " (many servers offer AUTH only over TLS)"
             raise SMTPAuthError(
@@ -462,6 +495,16 @@ class SMTPSession:
                 )
                 return
         assert refusal is not None
+        if not 400 <= refusal.code < 600:
+            self._abort()  # e.g. 250 to AUTH: whatever this server is, it is not SMTP AUTH
+            raise SMTPProtocolError(
+                SMTPErrorCode.PROTOCOL_ERROR,
+                "unexpected reply to AUTH",
+                stage=SMTPStage.AUTH,
+                smtp_code=refusal.code,
+                smtp_message=refusal.message,
+                transient=True,
+            ) from refusal
         if refusal.code == REPLY_SERVICE_CLOSING or not smtp.is_connected:
             self._abort()
             raise self._reply_error(
@@ -628,7 +671,7 @@ class SMTPSession:
 
     async def _transmit(self, payload: bytes) -> SMTPResponse:
         """Write the prepared message and read the reply to the final dot."""
-        smtp = self._require()
+        smtp = self._require(SMTPStage.MESSAGE)
         protocol = smtp.protocol
         timeouts = self.server.timeouts
         if protocol is None:
@@ -646,6 +689,10 @@ class SMTPSession:
         except (aiosmtplib.SMTPException, OSError) as exc:
             self._abort()
             raise self._translate(exc, SMTPStage.MESSAGE) from exc
+        except asyncio.CancelledError:
+            # The message may have been delivered; a retry resends the same Message-ID.
+            self._abort()
+            raise
         if reply.code == REPLY_SERVICE_CLOSING:
             self._abort()
         return reply
@@ -693,14 +740,14 @@ class SMTPSession:
 
     # -- plumbing ---------------------------------------------------------------------
 
-    def _require(self) -> aiosmtplib.SMTP:
+    def _require(self, stage: SMTPStage = SMTPStage.MAIL) -> aiosmtplib.SMTP:
         smtp = self._smtp
         if smtp is None or not smtp.is_connected:
             self._abort()
             raise SMTPConnectionFailed(
                 SMTPErrorCode.CONNECTION_LOST,
                 "the session is not connected",
-                stage=SMTPStage.MAIL,
+                stage=stage,
             )
         return smtp
 
@@ -711,12 +758,15 @@ class SMTPSession:
             smtp.close()
 
     async def _command(self, stage: SMTPStage, *args: bytes, limit: float) -> SMTPResponse:
-        smtp = self._require()
+        smtp = self._require(stage)
         try:
             reply = await smtp.execute_command(*args, timeout=limit)
         except (aiosmtplib.SMTPException, OSError) as exc:
             self._abort()
             raise self._translate(exc, stage) from exc
+        except asyncio.CancelledError:
+            self._abort()  # a reply is still owed: the connection is out of step for good
+            raise
         if reply.code == REPLY_SERVICE_CLOSING:
             self._abort()  # RFC 5321 section 3.8: the server closes after 421
         return reply
@@ -785,16 +835,19 @@ class SMTPSession:
                     stage=stage,
                     transient=True,
                 )
-            return self._reply_error(
-                stage, SMTPResponse(exc.code, exc.message), f"{host} refused {stage}"
+            refused = (
+                "the server greeted with an error"
+                if stage is SMTPStage.GREETING
+                else f"the server refused {stage.value.upper()}"
             )
+            return self._reply_error(stage, SMTPResponse(exc.code, exc.message), refused)
         if isinstance(exc, aiosmtplib.SMTPConnectError) and stage in (
             SMTPStage.TLS,
             SMTPStage.GREETING,
         ):
             return SMTPConnectionFailed(
                 SMTPErrorCode.CONNECT_FAILED,
-                f"{host} closed the connection before greeting: {exc.message}",
+                f"{host} closed the connection before its greeting",
                 stage=SMTPStage.GREETING,
             )
         if isinstance(exc, ConnectionError | aiosmtplib.SMTPServerDisconnected | OSError):

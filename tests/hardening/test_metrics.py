@@ -66,7 +66,7 @@ def build_app(metrics: Metrics, *, around_router: bool) -> Litestar:
         body, content_type = render(metrics, request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
-    handlers = [
+    handlers: list[Any] = [
         get_item,
         create_item,
         boom,
@@ -111,7 +111,7 @@ async def test_requests_are_counted_by_route_template(
     duration = "http_request_duration_seconds"
     assert value(samples, f"{duration}_count", method="GET", route="/items/{item_id}") == 3
     assert (
-        value(samples, f"{duration}_bucket", method="GET", route="/items/{item_id}", le="+Inf") == 4
+        value(samples, f"{duration}_bucket", method="GET", route="/items/{item_id}", le="+Inf") == 3
     )
     total = value(samples, f"{duration}_sum", method="GET", route="/items/{item_id}")
     assert total is not None and total >= 0

@@ -12,6 +12,7 @@ import ipaddress
 import socket
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Literal
 
 import pytest
 from hypothesis import assume, example, given
@@ -430,7 +431,7 @@ def test_public_ipv4_passes(ip: IPv4Address) -> None:
 
 @given(data=st.data(), version=st.sampled_from([4, 6]), prefix=st.integers(0, 32))
 def test_an_allowed_network_admits_everything_but_the_always_refused(
-    data: st.DataObject, version: int, prefix: int
+    data: st.DataObject, version: Literal[4, 6], prefix: int
 ) -> None:
     bits = 32 if version == 4 else 128
     base = data.draw(st.ip_addresses(v=version))

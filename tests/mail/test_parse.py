@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import email.message
 import email.utils
+import re
 import struct
 import unicodedata
 import urllib.parse
@@ -1156,3 +1157,69 @@ def test_base64_helper_matches_stdlib_on_valid_input() -> None:
     data = bytes(range(256)) * 3
     encoded = base64.encodebytes(data)
     assert parse_module._decode_base64(encoded) == (data, [])
+
+
+# --- Fast paths agree with the general ones -----------------------------------------
+
+
+def walked_summary_values(raw: bytes) -> dict[bytes, list[bytes]]:
+    """Summary fields as the general header walk reads them, unfolded and stripped."""
+    values: dict[bytes, list[bytes]] = {}
+    for name, lines in parse_module._header_section(raw).fields:
+        if name.lower() in parse_module._SUMMARY_FIELDS:
+            values.setdefault(name.lower(), []).append(b"".join(lines))
+    return unfolded(values)
+
+
+def unfolded(values: dict[bytes, list[bytes]]) -> dict[bytes, list[bytes]]:
+    return {
+        key: [re.sub(rb"\r\n|\r|\n", b"", value).strip() for value in found]
+        for key, found in values.items()
+    }
+
+
+def test_plain_header_sections_take_the_fast_path() -> None:
+    for name in ("alternative.eml", "nested-related.eml", "plain-lf.eml", "plain-crlf.eml"):
+        fast = parse_module._clean_summary_values(load(name))
+        assert fast is not None
+        assert unfolded(fast) == walked_summary_values(load(name))
+    for name in ("malformed-header-no-colon.eml", "no-headers.eml"):
+        assert parse_module._clean_summary_values(load(name)) is None
+    mbox = b"From someone Mon Jan  1 00:00:00 2025\nSubject: x\n\nbody\n"
+    assert parse_module._clean_summary_values(mbox) is None
+    lone_cr = b"Subject: a\rTo: b@example.com\n\nbody\n"
+    assert parse_module._clean_summary_values(lone_cr) is None
+    assert summarize(lone_cr).to == ("b@example.com",)
+
+
+@given(mutated_corpus_message() | st.lists(st.sampled_from(FRAGMENTS)).map(b"".join))
+@PROPERTY_SETTINGS
+def test_fast_header_path_agrees_with_the_walk(raw: bytes) -> None:
+    fast = parse_module._clean_summary_values(raw)
+    if fast is not None:
+        assert unfolded(fast) == walked_summary_values(raw)
+
+
+ADDRESS_TEXT = st.text(alphabet='ab .,<>"@\t=?_é-', max_size=40)
+ADDRESS_ITEM = st.builds(
+    lambda name, local, domain, form: {
+        "angle": f"{name} <{local}@{domain}>",
+        "quoted": f'"{name}" <{local}@{domain}>',
+        "bare": f"{local}@{domain}",
+    }[form],
+    st.text(alphabet="Ab .é=?_-'", max_size=12),
+    st.text(alphabet="ab.+-_", min_size=1, max_size=8),
+    st.text(alphabet="ab.-", min_size=1, max_size=8),
+    st.sampled_from(["angle", "quoted", "bare"]),
+)
+
+
+@given(ADDRESS_TEXT | st.lists(ADDRESS_ITEM, max_size=4).map(" , ".join))
+@settings(deadline=None, max_examples=500)
+def test_fast_address_split_agrees_with_getaddresses(text: str) -> None:
+    def meaningful(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return [pair for pair in pairs if pair != ("", "")]
+
+    assert meaningful(parse_module._address_pairs(text)) == meaningful(
+        email.utils.getaddresses([text])
+    )

@@ -260,7 +260,7 @@ def test_large_message_streams_in_bounded_chunks() -> None:
         # Never more than one chunk threshold plus one read held back.
         assert conn.buffered < core_module.STREAM_CHUNK + read
     assert len(chunks) > 5
-    assert b"".join(chunks) == body.replace(b"\r\n..\r\n", b"\r\n.\r\n")
+    assert b"".join(chunks) == body
 
 
 def test_one_huge_line_is_streamed_not_buffered() -> None:

@@ -15,6 +15,8 @@ the server removed dot-stuffing (``ReceivedMessage.data``). Options:
 - ``rcpt_replies``: ``{"nobody@example.com": "550 5.1.1 No such user"}`` refuses those
   recipients (matched case-insensitively); ``mail_reply``/``data_reply`` replace the reply
   to MAIL / to the final dot.
+- ``pause_before``: a command (``"DATA"``) whose handling waits until the test sets
+  ``recorder.resume``; ``recorder.paused`` is set when it arrives (no sleeps needed).
 - ``smtputf8``: advertise SMTPUTF8 (default True).
 
 pytest fixtures: ``smtp_tls_files`` (session), ``smtpd_factory`` (``await
@@ -144,10 +146,15 @@ class SMTPDRecorder:
         rcpt_replies: Mapping[str, str] | None = None,
         mail_reply: str | None = None,
         data_reply: str | None = None,
+        pause_before: str | None = None,
     ) -> None:
         self.rcpt_replies = {k.lower(): v for k, v in (rcpt_replies or {}).items()}
         self.mail_reply = mail_reply
         self.data_reply = data_reply
+        # Hold the command named here until ``resume`` is set; ``paused`` says it arrived.
+        self.pause_before = pause_before
+        self.paused = asyncio.Event()
+        self.resume = asyncio.Event()
         self.messages: list[ReceivedMessage] = []
         self.sessions: list[SessionLog] = []
         self._arrived = asyncio.Event()
@@ -202,9 +209,7 @@ class SMTPDRecorder:
         envelope.rcpt_tos.append(address)
         return "250 OK"
 
-    async def handle_DATA(
-        self, server: AiosmtpdSMTP, session: Session, envelope: Envelope
-    ) -> str:
+    async def handle_DATA(self, server: AiosmtpdSMTP, session: Session, envelope: Envelope) -> str:
         if self.data_reply is not None:
             return self.data_reply
         transport = server.transport
@@ -244,6 +249,9 @@ class RecordingSMTP(AiosmtpdSMTP):
             if self._log is not None:
                 mechanism = (arg or "").split(" ")[0].upper() if name == "AUTH" else ""
                 self._log.commands.append(f"AUTH {mechanism}" if name == "AUTH" else name)
+            if name == self._recorder.pause_before:
+                self._recorder.paused.set()
+                await self._recorder.resume.wait()
             await method(arg)
 
         return logged
@@ -275,10 +283,12 @@ class SMTPDServer:
 
     @property
     def messages(self) -> list[ReceivedMessage]:
+        """Accepted messages, in arrival order."""
         return self.recorder.messages
 
     @property
     def commands(self) -> list[str]:
+        """Command verbs of all sessions, in order."""
         return self.recorder.commands
 
     async def stop(self) -> None:
@@ -302,6 +312,7 @@ async def start_smtpd(
     rcpt_replies: Mapping[str, str] | None = None,
     mail_reply: str | None = None,
     data_reply: str | None = None,
+    pause_before: str | None = None,
     smtputf8: bool = True,
     host: str = LOOPBACK,
 ) -> SMTPDServer:
@@ -309,7 +320,12 @@ async def start_smtpd(
     if tls != "none" and tls_files is None:
         raise ValueError("TLS needs tls_files (the smtp_tls_files fixture)")
     loop = asyncio.get_running_loop()
-    recorder = SMTPDRecorder(rcpt_replies=rcpt_replies, mail_reply=mail_reply, data_reply=data_reply)
+    recorder = SMTPDRecorder(
+        rcpt_replies=rcpt_replies,
+        mail_reply=mail_reply,
+        data_reply=data_reply,
+        pause_before=pause_before,
+    )
     accounts = dict(users or {})
     context = tls_files.server_context() if tls_files is not None and tls != "none" else None
     protocols: list[RecordingSMTP] = []
@@ -497,17 +513,17 @@ def start_smtp_sink(
     failures: list[str] = []
     for _ in range(SMTP_SINK_PORT_ATTEMPTS):
         port = _free_port(host)
-        command = (*args, f"{host}:{port}", str(SMTP_SINK_BACKLOG))
+        argv = (*args, f"{host}:{port}", str(SMTP_SINK_BACKLOG))
         stderr_path = workdir / f"stderr.{port}"
         with stderr_path.open("wb") as stderr:
             process = subprocess.Popen(
-                command,
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
                 start_new_session=True,  # its own process group, stopped by pid
             )
-        sink = SmtpSink(host, port, process, command, dump_dir, workdir)
+        sink = SmtpSink(host, port, process, argv, dump_dir, workdir)
         if _wait_listening(process, host, port):
             return sink
         sink_error = stderr_path.read_text(errors="replace").strip()

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import os
 import re
+import shutil
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import pytest
 
@@ -110,8 +114,16 @@ async def test_partial_recipient_failure(smtpd_factory: Factory) -> None:
 @pytest.mark.parametrize(
     ("replies", "code", "transient"),
     [
-        ({"a@example.org": "550 5.1.1 No", "b@example.org": "553 5.1.3 Bad"}, SMTPErrorCode.REJECTED, False),
-        ({"a@example.org": "550 5.1.1 No", "b@example.org": "452 4.2.2 Full"}, SMTPErrorCode.DEFERRED, True),
+        (
+            {"a@example.org": "550 5.1.1 No", "b@example.org": "553 5.1.3 Bad"},
+            SMTPErrorCode.REJECTED,
+            False,
+        ),
+        (
+            {"a@example.org": "550 5.1.1 No", "b@example.org": "452 4.2.2 Full"},
+            SMTPErrorCode.DEFERRED,
+            True,
+        ),
     ],
 )
 async def test_all_recipients_refused_sends_nothing_and_keeps_the_session(
@@ -130,15 +142,30 @@ async def test_all_recipients_refused_sends_nothing_and_keeps_the_session(
         # The envelope was reset, and the next message goes through the same connection.
         assert session.usable
         await session.send("sender@example.com", ["ok@example.org"], b"y")
-    assert smtpd.commands == ["EHLO", "MAIL", "RCPT", "RCPT", "RSET", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert smtpd.commands == [
+        "EHLO",
+        "MAIL",
+        "RCPT",
+        "RCPT",
+        "RSET",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "QUIT",
+    ]
     assert [m.rcpt_tos for m in smtpd.messages] == [("ok@example.org",)]
 
 
 @pytest.mark.parametrize(
     ("reply", "code", "transient"),
-    [("550 5.7.1 Sender blocked", SMTPErrorCode.REJECTED, False), ("451 4.3.0 Try later", SMTPErrorCode.DEFERRED, True)],
+    [
+        ("550 5.7.1 Sender blocked", SMTPErrorCode.REJECTED, False),
+        ("451 4.3.0 Try later", SMTPErrorCode.DEFERRED, True),
+    ],
 )
-async def test_refused_sender(smtpd_factory: Factory, reply: str, code: SMTPErrorCode, transient: bool) -> None:
+async def test_refused_sender(
+    smtpd_factory: Factory, reply: str, code: SMTPErrorCode, transient: bool
+) -> None:
     smtpd = await smtpd_factory(mail_reply=reply)
     async with SMTPSession(server_for(smtpd)) as session:
         with pytest.raises(SMTPReplyError) as caught:
@@ -152,7 +179,10 @@ async def test_refused_sender(smtpd_factory: Factory, reply: str, code: SMTPErro
 
 @pytest.mark.parametrize(
     ("reply", "code", "transient"),
-    [("554 5.6.0 Content rejected", SMTPErrorCode.REJECTED, False), ("452 4.3.1 Queue full", SMTPErrorCode.DEFERRED, True)],
+    [
+        ("554 5.6.0 Content rejected", SMTPErrorCode.REJECTED, False),
+        ("452 4.3.1 Queue full", SMTPErrorCode.DEFERRED, True),
+    ],
 )
 async def test_refused_message_after_the_final_dot(
     smtpd_factory: Factory, reply: str, code: SMTPErrorCode, transient: bool
@@ -199,7 +229,9 @@ async def test_smtputf8_missing_on_the_server_is_a_permanent_error(smtpd_factory
 
 async def test_eight_bit_data_is_announced(smtpd: SMTPDServer) -> None:
     async with SMTPSession(server_for(smtpd)) as session:
-        await session.send("sender@example.com", ["rcpt@example.org"], "Subject: é\r\n\r\né".encode())
+        await session.send(
+            "sender@example.com", ["rcpt@example.org"], "Subject: é\r\n\r\né".encode()
+        )
     (received,) = smtpd.messages
     assert "BODY=8BITMIME" in received.mail_options
 
@@ -258,7 +290,16 @@ async def test_starttls_then_auth_then_send(smtpd_starttls: SMTPDServer) -> None
     async with SMTPSession(with_login(smtpd_starttls)) as session:
         assert session.encrypted
         await session.send("sender@example.com", ["rcpt@example.org"], message().data)
-    assert smtpd_starttls.commands == ["EHLO", "STARTTLS", "EHLO", "AUTH PLAIN", "MAIL", "RCPT", "DATA", "QUIT"]
+    assert smtpd_starttls.commands == [
+        "EHLO",
+        "STARTTLS",
+        "EHLO",
+        "AUTH PLAIN",
+        "MAIL",
+        "RCPT",
+        "DATA",
+        "QUIT",
+    ]
     (received,) = smtpd_starttls.messages
     assert received.tls
     assert received.login == "alice"
@@ -290,7 +331,9 @@ async def test_no_password_in_clear_unless_allowed(smtpd_no_starttls: SMTPDServe
     assert smtpd_no_starttls.messages[0].login == "alice"
 
 
-async def test_security_none_without_credentials_never_upgrades(smtpd_starttls: SMTPDServer) -> None:
+async def test_security_none_without_credentials_never_upgrades(
+    smtpd_starttls: SMTPDServer,
+) -> None:
     async with SMTPSession(server_for(smtpd_starttls, security=Security.NONE)) as session:
         assert not session.encrypted
     assert smtpd_starttls.commands == ["EHLO", "QUIT"]
@@ -348,19 +391,17 @@ async def test_wrong_password_is_auth_failed_and_not_retried(smtpd_starttls: SMT
         async with SMTPSession(with_login(smtpd_starttls, password="wrong")):
             pass
     error = caught.value
-    assert (error.code, error.smtp_code, error.stage) == (SMTPErrorCode.AUTH_FAILED, 535, SMTPStage.AUTH)
+    assert (error.code, error.smtp_code, error.stage) == (
+        SMTPErrorCode.AUTH_FAILED,
+        535,
+        SMTPStage.AUTH,
+    )
     assert error.account_level and not error.transient
-    assert smtpd_starttls.commands.count("AUTH PLAIN") + smtpd_starttls.commands.count("AUTH LOGIN") == 1
+    assert (
+        smtpd_starttls.commands.count("AUTH PLAIN") + smtpd_starttls.commands.count("AUTH LOGIN")
+        == 1
+    )
     assert "MAIL" not in smtpd_starttls.commands
-
-
-async def test_no_auth_offered_is_auth_not_supported(smtpd_factory: Factory) -> None:
-    smtpd = await smtpd_factory(tls="starttls")  # no users: AUTH is never advertised
-    with pytest.raises(SMTPAuthError) as caught:
-        async with SMTPSession(with_login(smtpd)):
-            pass
-    assert caught.value.code is SMTPErrorCode.AUTH_NOT_SUPPORTED
-    assert not caught.value.transient
 
 
 # -- verify ------------------------------------------------------------------------------------
@@ -408,3 +449,45 @@ async def test_verify_connection_refused(smtpd_factory: Factory) -> None:
     await smtpd.stop()  # nothing listens on that port any more
     (step,) = await verify(server_for(smtpd))
     assert (step.step, step.ok, step.code) == (VerifyStepName.CONNECT, False, "connect_failed")
+
+
+async def test_cancelling_a_send_mid_dialogue_retires_the_connection(
+    smtpd_factory: Factory,
+) -> None:
+    smtpd = await smtpd_factory(pause_before="DATA")
+    async with SMTPSession(server_for(smtpd)) as session:
+        sending = asyncio.create_task(
+            session.send("sender@example.com", ["rcpt@example.org"], b"x")
+        )
+        await smtpd.recorder.paused.wait()  # the client now waits for the 354
+        sending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sending
+        assert not session.usable
+        smtpd.recorder.resume.set()
+    assert not smtpd.messages
+
+
+async def test_a_replaced_ca_file_is_used_by_the_next_session(
+    smtpd_factory: Factory, smtp_tls_files: SMTPTLSFiles, tmp_path: Path
+) -> None:
+    smtpd = await smtpd_factory(tls="implicit")
+    ca_file = tmp_path / "ca.pem"
+    shutil.copy(smtp_tls_files.wrong_ca_file, ca_file)
+    with pytest.raises(SMTPSecurityError):
+        async with SMTPSession(server_for(smtpd, ca_file=str(ca_file))):
+            pass
+    replacement = tmp_path / "ca.pem.new"
+    shutil.copy(smtp_tls_files.ca_file, replacement)
+    os.replace(replacement, ca_file)  # how CA bundles are rotated: atomic rename
+    async with SMTPSession(server_for(smtpd, ca_file=str(ca_file))) as session:
+        assert session.encrypted
+
+
+async def test_a_missing_ca_file_is_a_tls_error(smtpd_factory: Factory, tmp_path: Path) -> None:
+    smtpd = await smtpd_factory(tls="starttls")
+    with pytest.raises(SMTPSecurityError) as caught:
+        async with SMTPSession(server_for(smtpd, ca_file=str(tmp_path / "missing.pem"))):
+            pass
+    assert caught.value.code is SMTPErrorCode.TLS_FAILED
+    assert smtpd.recorder.sessions == []  # refused before connecting

@@ -36,7 +36,10 @@ def test_examples() -> None:
     assert prepare_data(b"..\r\n...\r\n") == (b"...\r\n....\r\n.\r\n", 9)
 
 
-@given(st.binary(max_size=400) | st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n"]), max_size=60).map(b"".join))
+@given(
+    st.binary(max_size=400)
+    | st.lists(st.sampled_from([b"\r", b"\n", b".", b"a", b"\r\n"]), max_size=60).map(b"".join)
+)
 def test_any_bytes_arrive_as_one_crlf_message(message: bytes) -> None:
     payload, size = prepare_data(message)
     assert BARE_CR_OR_LF.search(payload) is None

@@ -1,0 +1,818 @@
+"""Delivery: the background worker that empties the outbox over SMTP.
+
+Shape::
+
+    dispatcher ──plans──> session tasks (at most ``concurrency`` at once)
+       ^   wake: a 202, a session ending, an outcome written, the next due time
+       │
+    each session task: one account, one SMTP connection reused for many messages:
+        claim a few due messages (status ``sending``) -> send each -> outcome to the
+        writer, which commits the outcomes of all sessions in batches (non-durable)
+
+Outcomes (``service.smtp`` classifies each failure as transient or permanent, and as
+message-level or account-level):
+
+- every recipient accepted -> ``sent``; some refused with 5xx and others accepted ->
+  ``sent`` with those recipients ``failed``; recipients answered 4xx -> ``deferred`` and
+  only they are tried again (accepted ones are never sent twice).
+- 4xx to MAIL/DATA/the final dot, 421, a dropped connection, a timeout -> ``deferred``
+  with exponential backoff (``retry_delays_s``) and jitter. Running out of the schedule or
+  past ``max_message_age_s`` -> ``failed`` with ``expired``.
+- 5xx to MAIL/DATA/the final dot, or to every recipient -> ``failed`` (no retry).
+- Account-level and permanent (the account's settings are wrong, or the server is not
+  what they say): ``auth_failed`` (535) marks the account's SMTP credentials as failing
+  (``smtp_auth_failed_at``, kept across restarts); ``tls_required`` (STARTTLS missing or
+  stripped: no credentials were sent), ``tls_certificate_invalid``,
+  ``insecure_auth_refused``, ``auth_not_supported``, ``host_not_allowed`` and
+  ``credentials_unreadable`` pause the account in memory. Either way the account's
+  messages stay ``deferred`` (their ``error`` says why) and nothing more is tried until
+  the account's settings change (a PATCH: ``updated_at`` moves, and the update clears
+  ``smtp_auth_failed_at``). An in-memory pause ends at a restart, which costs one more
+  attempt. Paused messages still expire.
+- Account-level but transient (``tls_failed`` handshake errors, a 454 to AUTH, a host
+  that does not resolve right now) and connection failures: the claimed messages are
+  deferred with backoff and the account is held until the earliest of them is due.
+
+A message in flight when the process dies stays ``sending`` in the store; the next start
+makes it due again, so it may be sent twice, always with the same Message-ID, and is
+never lost. On a graceful stop, sends in progress get ``shutdown_grace_s`` to finish;
+messages not finished by then go back to the queue the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import random
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from service.domain.accounts import Account
+from service.domain.enums import OutgoingStatus, RecipientStatus
+from service.domain.outbox import (
+    Attempt,
+    AttemptOutcome,
+    ClaimedMessage,
+    ClaimedRecipient,
+    DeliveryOutcome,
+    OutgoingError,
+    RecipientUpdate,
+)
+from service.domain.time import utcnow
+from service.errors import ServiceError
+from service.repository.accounts import AccountRepository
+from service.repository.errors import RepositoryError
+from service.repository.outbox import EXPIRED_CODE, OutboxRepository
+from service.services.accounts import AccountService
+from service.services.connect import ConnectFailure, MailConnector
+from service.smtp import (
+    RcptStatus,
+    SendResult,
+    SMTPDeliveryError,
+    SMTPReplyError,
+    SMTPServer,
+    SMTPSession,
+    SMTPTimeouts,
+)
+
+logger = logging.getLogger("mailroom.delivery")
+
+CLAIM_BATCH = 10  # messages one session takes at a time (others' sessions take the rest)
+MAX_MESSAGES_PER_SESSION = 200  # then the session ends and its slot is planned afresh
+SESSION_IDLE_S = 1.0  # an emptied session waits this long for new mail before QUIT
+SHUTDOWN_GRACE_S = 10.0  # sends in progress at shutdown get this long to finish
+IDLE_POLL_S = 5.0  # longest sleep: notices account changes (a PATCH ends a pause)
+EXPIRY_SWEEP_S = 60.0  # how often messages past max_message_age_s are failed
+DUE_ACCOUNTS_SCAN = 1000  # accounts considered per planning round
+WRITE_BATCH = 500  # outcomes per commit
+WRITE_RETRIES = 3
+WRITE_RETRY_DELAY_S = 0.5
+FALLBACK_LOCAL_HOSTNAME = "localhost"
+
+AUTH_FAILED = "auth_failed"
+HOST_NOT_ALLOWED = "host_not_allowed"
+INVALID_ADDRESS = "invalid_address"
+RECIPIENTS_REFUSED = "recipients_refused"
+RECIPIENTS_DEFERRED = "recipients_deferred"
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryPolicy:
+    """How the worker retries and how much it runs at once (from the settings)."""
+
+    retry_delays_s: tuple[float, ...]
+    retry_jitter: float
+    concurrency: int
+    max_sessions_per_account: int | None = None  # None: up to ``concurrency``
+    claim_batch: int = CLAIM_BATCH
+    max_messages_per_session: int = MAX_MESSAGES_PER_SESSION
+    session_idle_s: float = SESSION_IDLE_S
+    shutdown_grace_s: float = SHUTDOWN_GRACE_S
+    idle_poll_s: float = IDLE_POLL_S
+    timeouts: SMTPTimeouts | None = None  # None: the RFC 5321 defaults
+
+    @property
+    def sessions_per_account(self) -> int:
+        cap = self.max_sessions_per_account
+        return self.concurrency if cap is None else max(1, min(cap, self.concurrency))
+
+
+class _OpenFailure(Exception):
+    """A session could not be opened: what to record, and what it means for the account."""
+
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        *,
+        transient: bool,
+        account_level: bool,
+        smtp_code: int | None = None,
+        smtp_message: str | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.transient = transient
+        self.account_level = account_level
+        self.smtp_code = smtp_code
+        self.smtp_message = smtp_message
+
+
+class _OutcomeWriter:
+    """Commits delivery outcomes in batches: every session's outcomes share a commit."""
+
+    def __init__(self, outbox: OutboxRepository, on_written: Callable[[], None]) -> None:
+        self._outbox = outbox
+        self._on_written = on_written
+        self._pending: list[DeliveryOutcome] = []
+        self._task: asyncio.Task[None] | None = None
+
+    def put(self, outcome: DeliveryOutcome) -> None:
+        self._pending.append(outcome)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name="delivery outcomes")
+
+    async def flush(self) -> None:
+        """Wait until everything put so far is written (or given up on)."""
+        while self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                batch = self._pending[:WRITE_BATCH]
+                del self._pending[:WRITE_BATCH]
+                await self._write(batch)
+                self._on_written()
+        finally:
+            self._task = None
+
+    async def _write(self, batch: list[DeliveryOutcome]) -> None:
+        for attempt in range(1, WRITE_RETRIES + 1):
+            try:
+                await self._outbox.record(batch)
+                return
+            except RepositoryError as exc:
+                logger.error(
+                    "cannot record %d delivery outcome(s) (try %d of %d): %s",
+                    len(batch),
+                    attempt,
+                    WRITE_RETRIES,
+                    exc,
+                )
+                await asyncio.sleep(WRITE_RETRY_DELAY_S * attempt)
+        # They stay ``sending`` in the store, and are sent again after a restart.
+        logger.error(
+            "gave up recording %d delivery outcome(s): %s",
+            len(batch),
+            ", ".join(o.outgoing_id for o in batch),
+        )
+
+
+class DeliveryWorker:
+    """Delivers due outbox messages over SMTP; started and stopped by the app lifespan."""
+
+    def __init__(
+        self,
+        outbox: OutboxRepository,
+        accounts: AccountService,
+        account_repo: AccountRepository,
+        connector: MailConnector,
+        *,
+        policy: DeliveryPolicy,
+        clock: Clock = utcnow,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._outbox = outbox
+        self._accounts = accounts
+        self._account_repo = account_repo
+        self._connector = connector
+        self._policy = policy
+        self._clock = clock
+        self._rng = rng or random.Random()  # jitter only: no security role
+        self._writer = _OutcomeWriter(outbox, self._wake_up)
+        self._wake = asyncio.Event()
+        self._reclaim = asyncio.Event()  # lingering sessions give their slot back
+        self._account_events: dict[str, asyncio.Event] = {}
+        self._sessions: dict[str, int] = {}  # account id -> running sessions
+        self._lingering = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._claimed: set[str] = set()  # taken (sending), outcome not yet produced
+        self._paused: dict[str, tuple[datetime, OutgoingError]] = {}  # until updated_at moves
+        self._held: dict[str, datetime] = {}  # transient trouble: not before this time
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._local_hostname = FALLBACK_LOCAL_HOSTNAME
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Requeue what a previous process left in flight, then start dispatching."""
+        recovered = await self._outbox.recover_interrupted(self._clock())
+        if recovered:
+            logger.warning(
+                "%d message(s) were being sent when the service stopped; they are queued"
+                " again (a server may receive one twice, with the same Message-ID)",
+                recovered,
+            )
+        self._local_hostname = await _local_hostname()
+        self._stopping = False
+        self._dispatcher = asyncio.create_task(self._dispatch(), name="delivery dispatcher")
+
+    async def stop(self) -> None:
+        """Stop taking work; let sends in progress finish within the grace period, then
+        cancel the rest and put their messages back in the queue."""
+        self._stopping = True
+        self._wake.set()
+        self._reclaim.set()
+        for event in self._account_events.values():
+            event.set()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+            self._dispatcher = None
+        tasks = list(self._tasks)
+        if tasks:
+            _, late = await asyncio.wait(tasks, timeout=self._policy.shutdown_grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+                logger.warning(
+                    "%d SMTP session(s) did not finish within %g s; their messages are"
+                    " queued again",
+                    len(late),
+                    self._policy.shutdown_grace_s,
+                )
+        await self._writer.flush()
+        if self._claimed:
+            await self._outbox.release(set(self._claimed), self._clock())
+            self._claimed.clear()
+
+    def notify(self, account_id: str | None = None) -> None:
+        """New mail was committed (for ``account_id``): look at the outbox now."""
+        self._wake.set()
+        if account_id is not None:
+            event = self._account_events.get(account_id)
+            if event is not None:
+                event.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no session runs and every outcome is written (for tests)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks))
+        await self._writer.flush()
+
+    def _wake_up(self) -> None:
+        self._wake.set()
+
+    # -- planning ----------------------------------------------------------------------
+
+    async def _dispatch(self) -> None:
+        last_sweep = -math.inf
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                if time.monotonic() - last_sweep >= EXPIRY_SWEEP_S:
+                    last_sweep = time.monotonic()
+                    expired = await self._outbox.expire_overdue(self._clock())
+                    if expired:
+                        logger.warning("%d message(s) expired undelivered", expired)
+                timeout = await self._plan()
+            except RepositoryError as exc:
+                logger.error("delivery planning failed: %s", exc)
+                timeout = self._policy.idle_poll_s
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
+
+    async def _plan(self) -> float:
+        """Start sessions for due accounts; return how long to sleep at most."""
+        now = self._clock()
+        self._held = {a: t for a, t in self._held.items() if t > now}
+        poll = self._policy.idle_poll_s
+        working = len(self._tasks) - self._lingering
+        if working >= self._policy.concurrency:
+            return poll  # a session ending wakes the dispatcher
+        due = await self._outbox.due_accounts(now, DUE_ACCOUNTS_SCAN)
+        wanted: list[str] = []
+        for account in due:
+            pause = self._paused.get(account.account_id)
+            if pause is not None:
+                if pause[0] == account.updated_at:
+                    continue
+                del self._paused[account.account_id]  # settings changed: try again
+            if account.account_id in self._held:
+                continue
+            running = self._sessions.get(account.account_id, 0)
+            target = min(
+                self._policy.sessions_per_account,
+                math.ceil(account.due / self._policy.claim_batch),
+            )
+            wanted += [account.account_id] * max(0, target - running)
+        # Round-robin over accounts: each gets a session before any gets a second one.
+        order = _round_robin(wanted)
+        for account_id in order:
+            if len(self._tasks) >= self._policy.concurrency:
+                if self._lingering:
+                    self._reclaim.set()  # idle sessions make room, then we are woken
+                break
+            self._start_session(account_id)
+        excluded = set(self._sessions) | set(self._paused) | set(self._held)
+        next_due = await self._outbox.next_due(excluded)
+        wake_times = [t for t in (next_due, *self._held.values()) if t is not None]
+        if not wake_times:
+            return poll
+        return max(0.0, min(poll, (min(wake_times) - self._clock()).total_seconds()))
+
+    def _start_session(self, account_id: str) -> None:
+        self._sessions[account_id] = self._sessions.get(account_id, 0) + 1
+        task = asyncio.create_task(self._session(account_id), name=f"smtp {account_id}")
+        self._tasks.add(task)
+
+        def done(finished: asyncio.Task[None]) -> None:
+            self._tasks.discard(finished)
+            left = self._sessions.get(account_id, 1) - 1
+            if left > 0:
+                self._sessions[account_id] = left
+            else:
+                self._sessions.pop(account_id, None)
+                self._account_events.pop(account_id, None)
+            if not finished.cancelled() and finished.exception() is not None:
+                logger.error(
+                    "SMTP session for account %s failed unexpectedly",
+                    account_id,
+                    exc_info=finished.exception(),
+                )
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    # -- one session -------------------------------------------------------------------
+
+    async def _session(self, account_id: str) -> None:
+        """Deliver the account's due messages over one connection, then QUIT."""
+        account = await self._account_repo.get_any(account_id)
+        if account is None or account.smtp_auth_failed_at is not None:
+            return
+        batch = await self._claim(account_id)
+        session: SMTPSession | None = None
+        done = 0
+        try:
+            while batch:
+                pending = deque(batch)
+                while pending:
+                    if self._stopping:
+                        return  # the rest is released below
+                    if session is None or not session.usable:
+                        if session is not None:
+                            await session.close()
+                        try:
+                            session = await self._open(account)
+                        except _OpenFailure as failure:
+                            session = None
+                            await self._open_failed(account, list(pending), failure)
+                            return
+                    message = pending.popleft()
+                    self._finish(await self._deliver(session, message))
+                    done += 1
+                if self._stopping or done >= self._policy.max_messages_per_session:
+                    return
+                batch = await self._claim(account_id)
+                if not batch and await self._linger(account_id):
+                    batch = await self._claim(account_id)
+        except asyncio.CancelledError:
+            if session is not None:
+                # Cancelled mid-transaction (shutdown grace ran out): a QUIT now would
+                # land inside the message data, so drop the connection instead; the
+                # server discards a message that never got its final dot.
+                session._abort()
+                session = None
+            raise
+        finally:
+            if session is not None:
+                await session.close()
+            await self._release_unfinished(batch)
+
+    async def _claim(self, account_id: str) -> list[ClaimedMessage]:
+        if self._stopping:
+            return []
+        claimed = await self._outbox.claim(account_id, self._clock(), self._policy.claim_batch)
+        self._claimed.update(m.id for m in claimed)
+        return claimed
+
+    async def _linger(self, account_id: str) -> bool:
+        """Keep an emptied session for a moment: True if new mail came for the account."""
+        event = self._account_events.setdefault(account_id, asyncio.Event())
+        event.clear()
+        self._lingering += 1
+        try:
+            waiters = [
+                asyncio.ensure_future(event.wait()),
+                asyncio.ensure_future(self._reclaim.wait()),
+            ]
+            try:
+                await asyncio.wait(
+                    waiters,
+                    timeout=self._policy.session_idle_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        finally:
+            self._lingering -= 1
+            if self._lingering == 0:
+                self._reclaim.clear()
+        return event.is_set() and not self._stopping
+
+    async def _release_unfinished(self, batch: Sequence[ClaimedMessage]) -> None:
+        left = [m.id for m in batch if m.id in self._claimed]
+        if not left:
+            return
+        with contextlib.suppress(RepositoryError):
+            await self._outbox.release(left, self._clock())
+            self._claimed.difference_update(left)
+
+    def _finish(self, outcome: DeliveryOutcome) -> None:
+        self._claimed.discard(outcome.outgoing_id)
+        self._writer.put(outcome)
+
+    async def _open(self, account: Account) -> SMTPSession:
+        """A connected, secured, authenticated session for the account."""
+        try:
+            password = self._accounts.credentials(account).outgoing_password
+            server = await self._connector.smtp_server(account, password)
+        except ConnectFailure as exc:
+            cause = exc.__cause__
+            transient = bool(getattr(cause, "transient", exc.code != HOST_NOT_ALLOWED))
+            raise _OpenFailure(
+                exc.code, exc.detail, transient=transient, account_level=True
+            ) from exc
+        except ServiceError as exc:  # credentials that cannot be decrypted
+            raise _OpenFailure(exc.code, exc.detail, transient=False, account_level=True) from exc
+        server = self._configure(server)
+        session = SMTPSession(server)
+        try:
+            await session.open()
+        except SMTPDeliveryError as exc:
+            raise _OpenFailure(
+                exc.code.value,
+                str(exc),
+                transient=exc.transient,
+                account_level=exc.account_level,
+                smtp_code=exc.smtp_code,
+                smtp_message=exc.smtp_message,
+            ) from exc
+        return session
+
+    def _configure(self, server: SMTPServer) -> SMTPServer:
+        changes: dict[str, object] = {"local_hostname": self._local_hostname}
+        if self._policy.timeouts is not None:
+            changes["timeouts"] = self._policy.timeouts
+        return dataclasses.replace(server, **changes)  # type: ignore[arg-type]
+
+    async def _open_failed(
+        self, account: Account, messages: list[ClaimedMessage], failure: _OpenFailure
+    ) -> None:
+        """No session: record the failure on the claimed messages and decide for the
+        account (pause, hold, or nothing)."""
+        now = self._clock()
+        error = OutgoingError(failure.code, failure.detail)
+        logger.warning(
+            "SMTP session for account %s failed: %s (%s)", account.id, failure.code, failure.detail
+        )
+        attempt_outcome = AttemptOutcome.DEFERRED if failure.transient else AttemptOutcome.FAILED
+        if failure.account_level and not failure.transient:
+            # Wrong settings: retrying spends the schedule and proves nothing. Keep the
+            # messages waiting (due as soon as the account is fixed) and pause it.
+            for message in messages:
+                attempt = _attempt(now, AttemptOutcome.DEFERRED, failure)
+                self._finish(_waiting(message, now, attempt, error))
+            if failure.code == AUTH_FAILED:
+                await self._account_repo.set_smtp_auth_failed(account.id, now)
+            else:
+                self._paused[account.id] = (account.updated_at, error)
+            await self._writer.flush()
+            await self._outbox.note_hold(account.id, error, now)
+            return
+        earliest: datetime | None = None
+        for message in messages:
+            attempt = _attempt(now, attempt_outcome, failure)
+            targets = message.open_recipients
+            if failure.transient:
+                updates = _every(
+                    targets, RecipientStatus.DEFERRED, failure.smtp_code, failure.smtp_message
+                )
+                outcome = self._deferral(message, updates, now, attempt, error)
+                if outcome.next_attempt_at is not None:
+                    earliest = min(earliest or outcome.next_attempt_at, outcome.next_attempt_at)
+            else:
+                # Permanent and about this server's answer (say a 554 greeting).
+                updates = _every(
+                    targets, RecipientStatus.FAILED, failure.smtp_code, failure.smtp_message
+                )
+                outcome = _conclude(message, updates, now, attempt, error=error)
+            self._finish(outcome)
+        if earliest is not None:
+            self._held[account.id] = earliest
+
+    # -- one message -------------------------------------------------------------------
+
+    async def _deliver(self, session: SMTPSession, message: ClaimedMessage) -> DeliveryOutcome:
+        now = self._clock()
+        if now >= message.expires_at:
+            return _conclude(message, {}, now, None, expired=True)
+        targets = message.open_recipients
+        if not targets:  # nothing left to do (a recovered message whose outcome was lost)
+            return _conclude(message, {}, now, None)
+        try:
+            result = await session.send(
+                message.mail_from,
+                [r.address for r in targets],
+                message.raw,
+                smtputf8=message.smtputf8,
+            )
+        except SMTPDeliveryError as exc:
+            return self._failed(message, targets, exc)
+        except ValueError as exc:  # an address unsafe on a command line: never sendable
+            now = self._clock()
+            failure = _OpenFailure(INVALID_ADDRESS, str(exc), transient=False, account_level=False)
+            updates = _every(targets, RecipientStatus.FAILED, None, None)
+            return _conclude(
+                message,
+                updates,
+                now,
+                _attempt(now, AttemptOutcome.FAILED, failure),
+                error=OutgoingError(INVALID_ADDRESS, str(exc)),
+            )
+        return self._sent(message, targets, result)
+
+    def _sent(
+        self, message: ClaimedMessage, targets: Sequence[ClaimedRecipient], result: SendResult
+    ) -> DeliveryOutcome:
+        """The server took the message for at least one recipient."""
+        now = self._clock()
+        updates = {
+            target.position: RecipientUpdate(
+                target.position, _RCPT_STATUS[o.status], o.smtp_code, o.smtp_message
+            )
+            for target, o in zip(targets, result.recipients, strict=True)
+        }
+        every = all(o.status is RcptStatus.ACCEPTED for o in result.recipients)
+        attempt = Attempt(
+            at=now,
+            outcome=AttemptOutcome.SENT if every else AttemptOutcome.PARTIAL,
+            smtp_code=result.smtp_code,
+            smtp_message=result.smtp_message,
+            error_code=None if every else RECIPIENTS_REFUSED,
+        )
+        if any(u.status is RecipientStatus.DEFERRED for u in updates.values()):
+            error = OutgoingError(
+                RECIPIENTS_DEFERRED,
+                "the server deferred some recipients (4xx); only they are tried again",
+            )
+            return self._deferral(message, updates, now, attempt, error, delivered_now=True)
+        return _conclude(message, updates, now, attempt, delivered_now=True)
+
+    def _failed(
+        self,
+        message: ClaimedMessage,
+        targets: Sequence[ClaimedRecipient],
+        exc: SMTPDeliveryError,
+    ) -> DeliveryOutcome:
+        """The transaction delivered nothing: per recipient, retry (4xx, drops, timeouts)
+        or fail (5xx)."""
+        now = self._clock()
+        error = OutgoingError(exc.code.value, str(exc))
+        failure = _OpenFailure(
+            exc.code.value,
+            str(exc),
+            transient=exc.transient,
+            account_level=exc.account_level,
+            smtp_code=exc.smtp_code,
+            smtp_message=exc.smtp_message,
+        )
+        retry = RecipientStatus.DEFERRED if exc.transient else RecipientStatus.FAILED
+        replies = {o.address: o for o in exc.recipients} if isinstance(exc, SMTPReplyError) else {}
+        updates: dict[int, RecipientUpdate] = {}
+        for target in targets:
+            reply = replies.get(target.address)
+            if reply is not None and reply.status is not RcptStatus.ACCEPTED:
+                # Its own RCPT reply decides: 5xx fails it whatever comes next.
+                status = RecipientStatus.FAILED if reply.status is RcptStatus.REJECTED else retry
+                updates[target.position] = RecipientUpdate(
+                    target.position, status, reply.smtp_code, reply.smtp_message
+                )
+            else:
+                updates[target.position] = RecipientUpdate(
+                    target.position, retry, exc.smtp_code, exc.smtp_message
+                )
+        if any(u.status is RecipientStatus.DEFERRED for u in updates.values()):
+            attempt = _attempt(now, AttemptOutcome.DEFERRED, failure)
+            return self._deferral(message, updates, now, attempt, error)
+        return _conclude(
+            message, updates, now, _attempt(now, AttemptOutcome.FAILED, failure), error=error
+        )
+
+    def _deferral(
+        self,
+        message: ClaimedMessage,
+        updates: dict[int, RecipientUpdate],
+        now: datetime,
+        attempt: Attempt,
+        error: OutgoingError,
+        *,
+        delivered_now: bool = False,
+    ) -> DeliveryOutcome:
+        """Try the deferred recipients again later, per the schedule, or give up."""
+        next_at = self._next_attempt(message, now)
+        if next_at is None:
+            return _conclude(
+                message,
+                updates,
+                now,
+                attempt,
+                error=error,
+                expired=True,
+                delivered_now=delivered_now,
+            )
+        return DeliveryOutcome(
+            outgoing_id=message.id,
+            status=OutgoingStatus.DEFERRED,
+            at=now,
+            next_attempt_at=next_at,
+            sent_at=now if delivered_now else None,
+            attempt=attempt,
+            count_attempt=True,
+            recipients=tuple(updates.values()),
+            error=error,
+        )
+
+    def _next_attempt(self, message: ClaimedMessage, now: datetime) -> datetime | None:
+        """When to try again after this attempt; None when the schedule is used up or the
+        message would outlive ``max_message_age_s``."""
+        delays = self._policy.retry_delays_s
+        made = message.attempt_count + 1  # attempts including this one
+        if made > len(delays):
+            return None
+        jitter = self._policy.retry_jitter
+        delay = delays[made - 1] * self._rng.uniform(1 - jitter, 1 + jitter)
+        next_at = now + timedelta(seconds=max(0.0, delay))
+        return None if next_at >= message.expires_at else next_at
+
+
+_RCPT_STATUS = {
+    RcptStatus.ACCEPTED: RecipientStatus.SENT,
+    RcptStatus.DEFERRED: RecipientStatus.DEFERRED,
+    RcptStatus.REJECTED: RecipientStatus.FAILED,
+}
+
+
+def _attempt(now: datetime, outcome: AttemptOutcome, failure: _OpenFailure) -> Attempt:
+    return Attempt(
+        at=now,
+        outcome=outcome,
+        smtp_code=failure.smtp_code,
+        smtp_message=failure.smtp_message,
+        error_code=failure.code,
+    )
+
+
+def _every(
+    recipients: Sequence[ClaimedRecipient],
+    status: RecipientStatus,
+    smtp_code: int | None,
+    smtp_message: str | None,
+) -> dict[int, RecipientUpdate]:
+    return {
+        r.position: RecipientUpdate(r.position, status, smtp_code, smtp_message) for r in recipients
+    }
+
+
+def _waiting(
+    message: ClaimedMessage, now: datetime, attempt: Attempt, error: OutgoingError
+) -> DeliveryOutcome:
+    """Back in the queue, due at once (the account is paused: nothing happens until it
+    changes), the attempt recorded."""
+    return DeliveryOutcome(
+        outgoing_id=message.id,
+        status=OutgoingStatus.DEFERRED,
+        at=now,
+        next_attempt_at=now,
+        sent_at=None,
+        attempt=attempt,
+        count_attempt=True,
+        recipients=(),
+        error=error,
+    )
+
+
+def _conclude(
+    message: ClaimedMessage,
+    updates: dict[int, RecipientUpdate],
+    now: datetime,
+    attempt: Attempt | None,
+    *,
+    error: OutgoingError | None = None,
+    expired: bool = False,
+    delivered_now: bool = False,
+) -> DeliveryOutcome:
+    """Nothing left to retry: recipients still open fail (when ``expired``); the message
+    is ``sent`` if any recipient ever got it, else ``failed``."""
+    final = dict(updates)
+    if expired:
+        for r in message.recipients:
+            current = final.get(r.position)
+            status = current.status if current is not None else r.status
+            if status in (RecipientStatus.PENDING, RecipientStatus.DEFERRED):
+                final[r.position] = RecipientUpdate(
+                    r.position,
+                    RecipientStatus.FAILED,
+                    current.smtp_code if current else None,
+                    current.smtp_message if current else None,
+                )
+    statuses = [
+        final[r.position].status if r.position in final else r.status for r in message.recipients
+    ]
+    refused = statuses.count(RecipientStatus.FAILED)
+    delivered = RecipientStatus.SENT in statuses
+    if expired:
+        detail = "not delivered before the retry schedule or the message's lifetime ran out"
+        if error is not None:
+            detail += f"; last error: {error.code}: {error.detail}"
+        error = OutgoingError(EXPIRED_CODE, detail)
+    elif delivered:
+        error = (
+            OutgoingError(
+                RECIPIENTS_REFUSED, f"{refused} of {len(statuses)} recipients were refused"
+            )
+            if refused
+            else None
+        )
+    elif error is None:
+        error = OutgoingError(RECIPIENTS_REFUSED, "every recipient was refused")
+    return DeliveryOutcome(
+        outgoing_id=message.id,
+        status=OutgoingStatus.SENT if delivered else OutgoingStatus.FAILED,
+        at=now,
+        next_attempt_at=None,
+        sent_at=now if delivered_now else None,
+        attempt=attempt,
+        count_attempt=attempt is not None,
+        recipients=tuple(final.values()),
+        error=error,
+    )
+
+
+def _round_robin(wanted: list[str]) -> list[str]:
+    """``[a, a, b, a, b, c]`` -> ``[a, b, c, a, b, a]``: first sessions before extra ones."""
+    rounds: dict[str, int] = {}
+    keyed = []
+    for index, account_id in enumerate(wanted):
+        nth = rounds.get(account_id, 0)
+        rounds[account_id] = nth + 1
+        keyed.append((nth, index, account_id))
+    return [account_id for _, _, account_id in sorted(keyed)]
+
+
+async def _local_hostname() -> str:
+    """This machine's name for EHLO, looked up once (aiosmtplib would do it per session)."""
+    try:
+        name = await asyncio.to_thread(socket.getfqdn)
+    except OSError:
+        return FALLBACK_LOCAL_HOSTNAME
+    if not name or any(c.isspace() or not c.isprintable() or not c.isascii() for c in name):
+        return FALLBACK_LOCAL_HOSTNAME
+    return name
