@@ -202,8 +202,8 @@ def validate_display_name(value: str, *, field: str = "name") -> str:
     """Validate a display name; return it unchanged (the composer quotes/encodes it).
 
     Specials such as ``<``, ``,`` or ``"`` are fine: the name is quoted or RFC 2047-encoded
-    as one phrase. (Leading whitespace is folding whitespace to mail parsers and may not
-    survive, as in any header.)
+    as one phrase. (Whitespace around a name is folding whitespace to mail parsers and
+    may not survive, as in any header.)
 
     :raises MailInputError: ``header_injection`` for line breaks and control characters,
         ``invalid_display_name`` for bidi controls, ``too_long``.

@@ -1,4 +1,4 @@
-"""Build the exact RFC 5322 bytes of an outgoing message from a validated draft.
+"""Validate a draft and build the exact RFC 5322 bytes of the outgoing message.
 
 The stdlib ``email`` package does the MIME work:
 
@@ -116,6 +116,9 @@ class ComposedMessage:
     recipients: tuple[str, ...]  # envelope recipients: to + cc + bcc, deduplicated
     smtputf8: bool  # the MAIL command needs the SMTPUTF8 parameter
     message_id: str
+    to: tuple[str, ...] = ()  # normalized, as given (for per-recipient records)
+    cc: tuple[str, ...] = ()
+    bcc: tuple[str, ...] = ()
 
     @property
     def size(self) -> int:
@@ -188,6 +191,9 @@ def compose(draft: Draft) -> ComposedMessage:
         recipients=_envelope(to, cc, bcc),
         smtputf8=smtputf8,
         message_id=message_id,
+        to=tuple(a.addr_spec for a in to),
+        cc=tuple(a.addr_spec for a in cc),
+        bcc=tuple(a.addr_spec for a in bcc),
     )
 
 

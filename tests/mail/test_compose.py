@@ -59,13 +59,16 @@ def decoded_display_name(composed: ComposedMessage, header: str) -> tuple[str, s
     words, which RFC 2047 section 6.2 says to drop.
     """
     raw = str(email.message_from_bytes(composed.data, policy=policy.compat32)[header])
-    raw = re.sub(r"\r?\n[ \t]", " ", raw)  # unfold
-    phrase, _, angle_addr = raw.rpartition(" <")
+    raw = re.sub(r"\r?\n[ \t]", " ", raw).strip()  # unfold
+    if not raw.endswith(">"):
+        return "", raw
+    phrase, _, angle_addr = raw.rpartition("<")
+    address = angle_addr.removesuffix(">")
     if not phrase.strip():
-        return "", angle_addr.removesuffix(">") if angle_addr else raw
+        return "", address
     if phrase.startswith('"'):
         return email.utils.parseaddr(raw)
-    return str(make_header(decode_header(phrase))), angle_addr.removesuffix(">")
+    return str(make_header(decode_header(phrase.rstrip(" ")))), address
 
 
 def lf_text(value: str) -> str:
@@ -185,6 +188,9 @@ def test_envelope_recipients_are_normalized_and_deduplicated_in_order() -> None:
         )
     )
     assert composed.recipients == ("a@example.org", "b@example.org", "c@xn--bcher-kva.example")
+    assert composed.to == ("a@example.org", "b@example.org")
+    assert composed.cc == ("a@example.org",)
+    assert composed.bcc == ("b@example.org", "c@xn--bcher-kva.example")
 
 
 def test_only_bcc_recipients_is_fine() -> None:
@@ -491,9 +497,9 @@ def test_any_subject_and_name_round_trip(subject: str, name: str) -> None:
 )
 def test_ascii_headers_round_trip(name: str, subject: str, to: list[str]) -> None:
     # Printable ASCII takes the fast path (no header parsing) unless quoting is needed.
-    # Leading whitespace of a field body is folding whitespace to every mail parser (and
-    # a first word too long for the first line is folded onto the next), so it is
-    # compared without it.
+    # Leading whitespace of a field body, and whitespace around an unquoted phrase, is
+    # folding whitespace to mail parsers (a first word too long for the first line is
+    # also folded onto the next), so it is compared without it.
     to = [a for a in to if ".." not in a and not a.startswith(".") and ".@" not in a] or [
         "r@x.example"
     ]
@@ -503,4 +509,4 @@ def test_ascii_headers_round_trip(name: str, subject: str, to: list[str]) -> Non
     assert message["Subject"].lstrip() == subject.lstrip()
     assert [a.addr_spec for a in message["To"].addresses] == to
     decoded_name, address = decoded_display_name(composed, "From")
-    assert (decoded_name.lstrip(), address) == (name.lstrip(), "sender@example.com")
+    assert (decoded_name.strip(), address) == (name.strip(), "sender@example.com")
