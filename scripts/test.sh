@@ -25,3 +25,9 @@ echo "== mypy (strict, service/)"
 .venv/bin/mypy
 echo "== pytest"
 .venv/bin/python -m pytest "$@"
+echo "== container image (Dockerfile built with buildah, run and checked)"
+if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/container_test.sh
+else
+    echo "skipped: building the image without a Docker engine needs root (buildah --isolation chroot)"
+fi

@@ -28,6 +28,8 @@ class Session:
         #: Lines that were already buffered when the previous command was read.
         self.pipelined: list[bytes] = []
         self.received = bytearray()
+        #: Set by MiniPOP3 (or an override) once the client has logged in.
+        self.authenticated = False
 
     async def readline(self) -> bytes | None:
         """The next line without CRLF, or ``None`` at end of stream."""
@@ -98,7 +100,9 @@ class ScriptedServer:
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
             pass  # the client hung up or failed TLS, which is what many tests provoke
         except asyncio.CancelledError:
-            raise
+            # Cancelled by __aexit__: end quietly (asyncio's start_server logs a cancelled
+            # handler task as an error).
+            pass
         except BaseException as exc:
             self.errors.append(exc)
         finally:
@@ -109,6 +113,10 @@ class ScriptedServer:
     def session(self) -> Session:
         """The first (usually only) session."""
         return self.sessions[0]
+
+    def commands(self) -> list[str]:
+        """The verbs received over all sessions (none if TLS failed before any)."""
+        return [verb for session in self.sessions for verb in session.commands()]
 
 
 Reply = bytes | Callable[[Session, bytes], Awaitable[bool | None]]
@@ -145,7 +153,6 @@ class MiniPOP3:
 
     async def __call__(self, session: Session) -> None:
         session.send(self.greeting)
-        authenticated = False
         deleted: set[int] = set()
         while (line := await session.readline()) is not None:
             verb, _, arg = line.decode("utf-8", "replace").partition(" ")
@@ -164,17 +171,18 @@ class MiniPOP3:
             elif verb == "USER":
                 session.send(b"+OK\r\n")
             elif verb == "PASS":
-                authenticated = arg == self.password
-                session.send(b"+OK logged in\r\n" if authenticated else b"-ERR [AUTH] no\r\n")
+                session.authenticated = arg == self.password
+                ok = session.authenticated
+                session.send(b"+OK logged in\r\n" if ok else b"-ERR [AUTH] no\r\n")
             elif verb == "AUTH":
-                authenticated = True
+                session.authenticated = True
                 session.send(b"+OK logged in\r\n")
             elif verb == "QUIT":
-                if authenticated:
+                if session.authenticated:
                     self.deleted_at_quit = sorted(deleted)
                 session.send(b"+OK bye\r\n")
                 return
-            elif not authenticated:
+            elif not session.authenticated:
                 session.send(b"-ERR log in first\r\n")
             else:
                 self._transaction(session, verb, arg, deleted)
