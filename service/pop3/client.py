@@ -37,10 +37,10 @@ import base64
 import contextlib
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from enum import StrEnum
 from types import TracebackType
-from typing import cast, Self
+from typing import Self, cast
 
 from service.domain.enums import Security
 from service.tls import client_context
@@ -328,7 +328,11 @@ class POP3Client:
 
     @property
     def login_delay(self) -> int | None:
-        """LOGIN-DELAY seconds from the last CAPA, if the server announced one."""
+        """LOGIN-DELAY seconds from the last CAPA, if the server announced one.
+
+        After :meth:`login` this is the user's own value when the server said it varies
+        by user (CAPA is then read again).
+        """
         return None if self._capabilities is None else self._capabilities.login_delay
 
     @property
@@ -415,6 +419,10 @@ class POP3Client:
                 self._expect_ok(await self._single(user), AuthFailed)
                 self._expect_ok(await self._single(Command.pass_(password)), AuthFailed)
             self._sizes = None
+            if self._capabilities is not None and self._capabilities.per_user:
+                # RFC 2449: "LOGIN-DELAY n USER" before login means the real value is
+                # only announced to the logged-in user.
+                self._capabilities = await self._read_capabilities()
 
     async def capabilities(self, *, refresh: bool = False) -> Capabilities:
         """The server's capabilities (CAPA); cached unless ``refresh`` is true.
@@ -482,7 +490,7 @@ class POP3Client:
 
     async def retr_chunks(
         self, number: int, *, max_bytes: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """RETR one message as a stream of chunks, so it is never held whole in memory.
 
         The chunks concatenate to what :meth:`retr` returns; limits are the same.
@@ -516,7 +524,7 @@ class POP3Client:
 
     async def retrieve_many(
         self, numbers: Iterable[int], *, max_bytes: int | None = None
-    ) -> AsyncIterator[tuple[int, bytes]]:
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
         """Yield ``(number, message)`` for each of ``numbers``, in order.
 
         RETRs are pipelined in a sliding window when the server advertises PIPELINING
@@ -633,7 +641,7 @@ class POP3Client:
         channel = self._channel
         if channel is not None and channel.transport is not None:
             channel.transport.abort()
-        if self._broken is None and (self._core is None or self._core.state is not State.CLOSED):
+        if self._broken is None and self._core is not None and self._core.state is not State.CLOSED:
             self._broken = POP3ConnectionLost("the connection was closed")
 
     # Connection set-up -----------------------------------------------------------------

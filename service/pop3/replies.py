@@ -76,6 +76,14 @@ class Capabilities:
         return int(args[0])
 
     @property
+    def per_user(self) -> bool:
+        """Whether LOGIN-DELAY or EXPIRE say their value is only known after login."""
+        return any(
+            "USER" in (arg.upper() for arg in self.entries.get(name, ())[1:])
+            for name in ("LOGIN-DELAY", "EXPIRE")
+        )
+
+    @property
     def expire(self) -> str | None:
         """The ``EXPIRE`` policy argument (days or ``NEVER``), if announced."""
         args = self.entries.get("EXPIRE")

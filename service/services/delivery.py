@@ -126,8 +126,9 @@ class DeliveryPolicy:
         return self.concurrency if cap is None else max(1, min(cap, self.concurrency))
 
 
-class _OpenFailure(Exception):
-    """A session could not be opened: what to record, and what it means for the account."""
+class _Failure(Exception):
+    """What went wrong with an attempt: what to record, and what it means for the
+    account (raised when a session cannot be opened)."""
 
     def __init__(
         self,
@@ -182,7 +183,7 @@ class _OutcomeWriter:
             try:
                 await self._outbox.record(batch)
                 return
-            except RepositoryError as exc:
+            except Exception as exc:
                 logger.error(
                     "cannot record %d delivery outcome(s) (try %d of %d): %s",
                     len(batch),
@@ -247,6 +248,8 @@ class DeliveryWorker:
             )
         self._local_hostname = await _local_hostname()
         self._stopping = False
+        self._wake.clear()
+        self._reclaim.clear()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="delivery dispatcher")
 
     async def stop(self) -> None:
@@ -312,6 +315,10 @@ class DeliveryWorker:
                 timeout = await self._plan()
             except RepositoryError as exc:
                 logger.error("delivery planning failed: %s", exc)
+                timeout = self._policy.idle_poll_s
+            except Exception:
+                # A bug must not stop delivery for good: log it and plan again later.
+                logger.exception("delivery planning failed unexpectedly")
                 timeout = self._policy.idle_poll_s
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
@@ -400,7 +407,7 @@ class DeliveryWorker:
                             await session.close()
                         try:
                             session = await self._open(account)
-                        except _OpenFailure as failure:
+                        except _Failure as failure:
                             session = None
                             await self._open_failed(account, list(pending), failure)
                             return
@@ -426,8 +433,8 @@ class DeliveryWorker:
             await self._release_unfinished(batch)
 
     async def _claim(self, account_id: str) -> list[ClaimedMessage]:
-        if self._stopping:
-            return []
+        if self._stopping or account_id in self._paused or account_id in self._held:
+            return []  # another session of the account just found it unusable
         claimed = await self._outbox.claim(account_id, self._clock(), self._policy.claim_batch)
         self._claimed.update(m.id for m in claimed)
         return claimed
@@ -477,17 +484,15 @@ class DeliveryWorker:
         except ConnectFailure as exc:
             cause = exc.__cause__
             transient = bool(getattr(cause, "transient", exc.code != HOST_NOT_ALLOWED))
-            raise _OpenFailure(
-                exc.code, exc.detail, transient=transient, account_level=True
-            ) from exc
+            raise _Failure(exc.code, exc.detail, transient=transient, account_level=True) from exc
         except ServiceError as exc:  # credentials that cannot be decrypted
-            raise _OpenFailure(exc.code, exc.detail, transient=False, account_level=True) from exc
+            raise _Failure(exc.code, exc.detail, transient=False, account_level=True) from exc
         server = self._configure(server)
         session = SMTPSession(server)
         try:
             await session.open()
         except SMTPDeliveryError as exc:
-            raise _OpenFailure(
+            raise _Failure(
                 exc.code.value,
                 str(exc),
                 transient=exc.transient,
@@ -504,7 +509,7 @@ class DeliveryWorker:
         return dataclasses.replace(server, **changes)  # type: ignore[arg-type]
 
     async def _open_failed(
-        self, account: Account, messages: list[ClaimedMessage], failure: _OpenFailure
+        self, account: Account, messages: list[ClaimedMessage], failure: _Failure
     ) -> None:
         """No session: record the failure on the claimed messages and decide for the
         account (pause, hold, or nothing)."""
@@ -568,7 +573,7 @@ class DeliveryWorker:
             return self._failed(message, targets, exc)
         except ValueError as exc:  # an address unsafe on a command line: never sendable
             now = self._clock()
-            failure = _OpenFailure(INVALID_ADDRESS, str(exc), transient=False, account_level=False)
+            failure = _Failure(INVALID_ADDRESS, str(exc), transient=False, account_level=False)
             updates = _every(targets, RecipientStatus.FAILED, None, None)
             return _conclude(
                 message,
@@ -616,7 +621,7 @@ class DeliveryWorker:
         or fail (5xx)."""
         now = self._clock()
         error = OutgoingError(exc.code.value, str(exc))
-        failure = _OpenFailure(
+        failure = _Failure(
             exc.code.value,
             str(exc),
             transient=exc.transient,
@@ -700,7 +705,7 @@ _RCPT_STATUS = {
 }
 
 
-def _attempt(now: datetime, outcome: AttemptOutcome, failure: _OpenFailure) -> Attempt:
+def _attempt(now: datetime, outcome: AttemptOutcome, failure: _Failure) -> Attempt:
     return Attempt(
         at=now,
         outcome=outcome,

@@ -252,6 +252,7 @@ def _outgoing(
 
 def _recipients(request: SendRequest, composed: ComposedMessage) -> tuple[NewRecipient, ...]:
     """The envelope (deduplicated by the composer), each with the field it came from."""
+    envelope = set(composed.recipients)
     kinds: dict[str, RecipientKind] = {}
     for kind, values in (
         (RecipientKind.TO, request.to),
@@ -259,8 +260,10 @@ def _recipients(request: SendRequest, composed: ComposedMessage) -> tuple[NewRec
         (RecipientKind.BCC, request.bcc),
     ):
         for value in values:
-            # Already validated by compose: this only recovers the normalized spelling.
-            kinds.setdefault(parse_address(value).addr_spec, kind)
+            # Usually given as normalized already; otherwise recover the spelling the
+            # composer used (it validated every address, so this cannot fail).
+            spelled = value if value in envelope else parse_address(value).addr_spec
+            kinds.setdefault(spelled, kind)
     return tuple(NewRecipient(address, kinds[address]) for address in composed.recipients)
 
 

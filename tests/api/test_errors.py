@@ -172,7 +172,7 @@ async def test_control_characters_anywhere_are_rejected(
         st.none(),
         st.booleans(),
         st.integers(),
-        st.floats(allow_nan=False),
+        st.floats(allow_nan=False, allow_infinity=False),
         st.text(max_size=30),
         st.lists(st.integers(), max_size=3),
         st.dictionaries(st.text(max_size=5), st.integers(), max_size=2),

@@ -38,7 +38,9 @@ async def serve() -> AsyncIterator[StartServer]:
     """``await serve(handler, ssl_context=None)`` starts a scripted server on loopback."""
     servers: list[ScriptedServer] = []
 
-    async def start(handler: Handler, *, ssl_context: ssl.SSLContext | None = None) -> ScriptedServer:
+    async def start(
+        handler: Handler, *, ssl_context: ssl.SSLContext | None = None
+    ) -> ScriptedServer:
         server = ScriptedServer(handler, ssl_context=ssl_context)
         await server.__aenter__()
         servers.append(server)

@@ -74,9 +74,7 @@ class ScriptedServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> ScriptedServer:
-        self._server = await asyncio.start_server(
-            self._serve, "127.0.0.1", 0, ssl=self.ssl_context
-        )
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.ssl_context)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 

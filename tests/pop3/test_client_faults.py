@@ -32,7 +32,7 @@ from service.pop3 import (
 from service.pop3 import errors as pop3_errors
 
 from .conftest import FaultTLS, StartServer
-from .fault_server import MiniPOP3, Session, dot_stuff
+from .fault_server import MiniPOP3, Session
 
 CREDENTIAL_VERBS = {"USER", "PASS", "AUTH", "APOP"}
 
@@ -92,8 +92,12 @@ async def test_stls_not_offered_fails_before_any_credential(serve: StartServer) 
     assert server.commands() == ["CAPA"]
 
 
-async def test_stls_refused_fails_before_any_credential(serve: StartServer, fault_tls: FaultTLS) -> None:
-    server = await serve(MiniPOP3(capabilities=("USER", "STLS"), replies={"STLS": b"-ERR not now\r\n"}))
+async def test_stls_refused_fails_before_any_credential(
+    serve: StartServer, fault_tls: FaultTLS
+) -> None:
+    server = await serve(
+        MiniPOP3(capabilities=("USER", "STLS"), replies={"STLS": b"-ERR not now\r\n"})
+    )
     pop = client(server.port, Security.STARTTLS, ca_file=fault_tls.ca_file)
     with pytest.raises(TLSRequired):
         await pop.connect()
@@ -105,9 +109,7 @@ async def test_stls_refused_fails_before_any_credential(serve: StartServer, faul
 
 
 async def test_server_without_capa_still_must_accept_stls(serve: StartServer) -> None:
-    server = await serve(
-        MiniPOP3(replies={"CAPA": b"-ERR what?\r\n", "STLS": b"-ERR what?\r\n"})
-    )
+    server = await serve(MiniPOP3(replies={"CAPA": b"-ERR what?\r\n", "STLS": b"-ERR what?\r\n"}))
     with pytest.raises(TLSRequired):
         await client(server.port, Security.STARTTLS).connect()
     await asyncio.sleep(0.01)
@@ -143,7 +145,17 @@ async def test_data_injected_before_the_tls_handshake_is_discarded(
             await pop.login("alice", "wrong password")
         await pop.login("alice", "secret")
         assert (await pop.stat()).messages == 2
-    assert server.commands() == ["CAPA", "STLS", "CAPA", "USER", "PASS", "USER", "PASS", "STAT", "QUIT"]
+    assert server.commands() == [
+        "CAPA",
+        "STLS",
+        "CAPA",
+        "USER",
+        "PASS",
+        "USER",
+        "PASS",
+        "STAT",
+        "QUIT",
+    ]
 
 
 async def test_implicit_tls(serve: StartServer, fault_tls: FaultTLS) -> None:
@@ -188,7 +200,9 @@ async def test_wrong_host_certificate_fails(
     assert not CREDENTIAL_VERBS & set(server.commands())
 
 
-async def test_plaintext_on_a_tls_port_is_a_typed_error(serve: StartServer, fault_tls: FaultTLS) -> None:
+async def test_plaintext_on_a_tls_port_is_a_typed_error(
+    serve: StartServer, fault_tls: FaultTLS
+) -> None:
     server = await serve(MiniPOP3())  # answers in clear
     with pytest.raises(POP3ConnectError) as caught:
         await client(server.port, Security.TLS, ca_file=fault_tls.ca_file).connect()
@@ -272,11 +286,33 @@ async def test_login_delay_is_exposed(serve: StartServer) -> None:
     server = await serve(MiniPOP3(capabilities=("USER", "LOGIN-DELAY 900")))
     async with client(server.port) as pop:
         assert pop.login_delay == 900
+        await pop.login("alice", "secret")
+        assert pop.login_delay == 900
+    assert server.commands().count("CAPA") == 1
+
+
+async def test_per_user_login_delay_is_read_after_login(serve: StartServer) -> None:
+    async def capa(session: Session, line: bytes) -> bool:
+        delay = "300" if session.authenticated else "60 USER"
+        session.send(f"+OK\r\nUSER\r\nLOGIN-DELAY {delay}\r\n.\r\n".encode())
+        return False
+
+    server = await serve(MiniPOP3(replies={"CAPA": capa}))
+    async with client(server.port) as pop:
+        assert pop.login_delay == 60
+        await pop.login("alice", "secret")
+        assert pop.login_delay == 300
+    assert server.commands() == ["CAPA", "USER", "PASS", "CAPA", "QUIT"]
 
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [("alice\r\nDELE 1", "secret"), ("alice", "secret\r\nDELE 1"), ("al\0ice", "x"), ("alice", "a\x7fb")],
+    [
+        ("alice\r\nDELE 1", "secret"),
+        ("alice", "secret\r\nDELE 1"),
+        ("al\0ice", "x"),
+        ("alice", "a\x7fb"),
+    ],
 )
 async def test_control_characters_in_credentials_are_never_written(
     serve: StartServer, username: str, password: str
@@ -372,7 +408,11 @@ async def test_err_greeting(serve: StartServer) -> None:
 
 
 async def test_err_to_quit_is_update_failed(serve: StartServer) -> None:
-    server = await serve(MiniPOP3(messages=messages(1), replies={"QUIT": b"-ERR some deleted messages not removed\r\n"}))
+    server = await serve(
+        MiniPOP3(
+            messages=messages(1), replies={"QUIT": b"-ERR some deleted messages not removed\r\n"}
+        )
+    )
     pop = client(server.port)
     with pytest.raises(UpdateFailed) as caught:
         async with pop:
@@ -385,7 +425,11 @@ async def test_err_to_quit_is_update_failed(serve: StartServer) -> None:
 
 @pytest.mark.parametrize(
     "greeting",
-    [b"HTTP/1.1 400 Bad Request\r\n\r\n", b"SSH-2.0-OpenSSH_9.2p1\r\n", b"220 smtp.example.com ESMTP\r\n"],
+    [
+        b"HTTP/1.1 400 Bad Request\r\n\r\n",
+        b"SSH-2.0-OpenSSH_9.2p1\r\n",
+        b"220 smtp.example.com ESMTP\r\n",
+    ],
 )
 async def test_garbage_instead_of_a_greeting(serve: StartServer, greeting: bytes) -> None:
     server = await serve(MiniPOP3(greeting=greeting))

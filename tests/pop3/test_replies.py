@@ -38,6 +38,12 @@ def test_capabilities_without_extras() -> None:
     assert caps.login_delay is None and caps.expire is None and caps.implementation is None
 
 
+def test_per_user_values() -> None:
+    assert parse_capabilities(b"LOGIN-DELAY 60 USER\r\n").per_user
+    assert parse_capabilities(b"EXPIRE 30 USER\r\n").per_user
+    assert not parse_capabilities(b"LOGIN-DELAY 60\r\nUSER\r\n").per_user
+
+
 def test_login_delay_must_be_a_number() -> None:
     assert parse_capabilities(b"LOGIN-DELAY soon\r\n").login_delay is None
     assert parse_capabilities(b"LOGIN-DELAY 60 USER\r\n").login_delay == 60

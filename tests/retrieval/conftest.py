@@ -16,13 +16,15 @@ from tests.api.conftest import API_KEY, make_settings
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "messages"
 WAIT_S = 60
+# TLS accounts name "localhost", which may also resolve to ::1: every answer must pass.
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
 
 
 @pytest.fixture
 async def client(tmp_path: Path, dovecot: Any) -> AsyncIterator[AsyncTestClient[Any]]:
     settings = make_settings(
         tmp_path,
-        allowed_networks=(ipaddress.ip_network("127.0.0.0/8"),),
+        allowed_networks=LOOPBACK,
         ca_file=dovecot.ca_file,
         scheduler_interval_s=0.1,
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import sqlite3
 import time
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import httpx
 
 from tests.process import kill, start, stop
-from tests.retrieval.conftest import account_json
+from tests.retrieval.conftest import LOOPBACK, account_json
 
 KEY = "crash-test-key-0123456789"
 MESSAGES = 1500
@@ -36,7 +35,7 @@ def test_sigkill_during_retrieval_loses_and_doubles_nothing(
     env = {
         "MAILROOM_DATABASE": str(tmp_path / "mailroom.db"),
         "MAILROOM_API_KEYS": KEY,
-        "MAILROOM_ALLOWED_NETWORKS": str(ipaddress.ip_network("127.0.0.0/8")),
+        "MAILROOM_ALLOWED_NETWORKS": ",".join(str(net) for net in LOOPBACK),
         "MAILROOM_CA_FILE": dovecot.ca_file,
     }
     headers = {"Authorization": f"Bearer {KEY}"}

@@ -223,6 +223,10 @@ service pop3-login {{
 {pop3s}}}
 service anvil {{
   chroot =
+  # No per-IP auth penalty: wrong-password tests would slow every later login (2-15 s).
+  unix_listener anvil-auth-penalty {{
+    mode = 0
+  }}
 }}
 """
 
