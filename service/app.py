@@ -13,7 +13,7 @@ import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
-from litestar import Litestar, Request, Router
+from litestar import Litestar, Request, Response, Router, get
 from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
@@ -25,6 +25,7 @@ from service import __version__
 from service.api.accounts import AccountController
 from service.api.auth import KeyRing, hash_key, require_api_key
 from service.api.health import HealthController
+from service.api.middleware import RequestIdMiddleware, wrap_router
 from service.api.outbox import OutboxController
 from service.api.problems import (
     http_exception_handler,
@@ -34,7 +35,9 @@ from service.api.problems import (
 from service.api.retrievals import MessageController, RetrievalController
 from service.config import DEFAULT_TENANT, Settings
 from service.crypto import CredentialCipher, load_or_create_keys
+from service.domain.retrievals import Retrieval
 from service.errors import ServiceError
+from service.metrics import Metrics, render
 from service.netguard import ConnectionGuard
 from service.repository.accounts import SQLiteAccountRepository
 from service.repository.api_keys import SQLiteApiKeyRepository
@@ -42,13 +45,15 @@ from service.repository.database import Database
 from service.repository.messages import SQLiteMessageRepository
 from service.repository.outbox import SQLiteOutboxRepository
 from service.repository.retrievals import SQLiteRetrievalRepository
+from service.repository.stats import SQLiteStatsRepository
 from service.services.accounts import AccountService
 from service.services.connect import MailConnector
 from service.services.delivery import DeliveryPolicy, DeliveryWorker
 from service.services.messages import MessageService
-from service.services.retrieval import RetrievalService
+from service.services.retrieval import RetrievalObserver, RetrievalService
 from service.services.scheduler import Scheduler
 from service.services.sending import SendingService, SendLimits
+from service.services.verify import AccountVerifier
 
 logger = logging.getLogger("mailroom")
 
@@ -101,6 +106,7 @@ async def _key_ring(settings: Settings, db: Database) -> KeyRing:
 
 def create_app(settings: Settings) -> Litestar:
     """Build the application for ``settings`` (nothing is opened until startup)."""
+    metrics = Metrics()  # one registry per app, so apps in one process do not clash
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -133,6 +139,7 @@ def create_app(settings: Settings) -> Litestar:
                 connector=connector,
                 max_message_bytes=settings.max_message_bytes,
                 max_concurrent=settings.max_concurrent_retrievals,
+                on_finished=_retrieval_metrics(metrics),
             )
             scheduler = Scheduler(
                 account_repo, retrievals, retrieval, tick_s=settings.scheduler_interval_s
@@ -148,8 +155,11 @@ def create_app(settings: Settings) -> Litestar:
                     retry_jitter=settings.retry_jitter,
                     concurrency=settings.smtp_concurrency,
                 ),
+                metrics=metrics,
             )
             app.state.accounts = accounts
+            app.state.verifier = AccountVerifier(accounts, connector)
+            app.state.stats = SQLiteStatsRepository(db)
             app.state.retrievals = retrieval
             app.state.messages = MessageService(accounts, messages)
             app.state.outbox = SendingService(
@@ -198,6 +208,23 @@ def create_app(settings: Settings) -> Litestar:
         outbox: SendingService = state.outbox
         return outbox
 
+    def provide_verifier(state: State) -> AccountVerifier:
+        verifier: AccountVerifier = state.verifier
+        return verifier
+
+    @get(
+        "/metrics",
+        operation_id="GetMetrics",
+        summary="Prometheus metrics (text exposition format)",
+        media_type="text/plain",
+        tags=["Health"],
+    )
+    async def get_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+        stats: SQLiteStatsRepository = request.app.state.stats
+        metrics.set_outbox_counts(await stats.outbox_by_status())
+        body, content_type = render(metrics, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     v1 = Router(
         path="/v1",
         guards=[require_api_key],
@@ -214,10 +241,11 @@ def create_app(settings: Settings) -> Litestar:
             "retrievals": Provide(provide_retrievals, sync_to_thread=False),
             "messages": Provide(provide_messages, sync_to_thread=False),
             "outbox": Provide(provide_outbox, sync_to_thread=False),
+            "verifier": Provide(provide_verifier, sync_to_thread=False),
         },
     )
-    return Litestar(
-        route_handlers=[HealthController, v1],
+    app = Litestar(
+        route_handlers=[HealthController, get_metrics, v1],
         lifespan=[lifespan],
         openapi_config=openapi_config(),
         exception_handlers={
@@ -230,3 +258,14 @@ def create_app(settings: Settings) -> Litestar:
         debug=False,
         logging_config=None,
     )
+    # Outside the router, so 404s and 405s get a request id and are counted too.
+    return wrap_router(app, RequestIdMiddleware, metrics.middleware)
+
+
+def _retrieval_metrics(metrics: Metrics) -> RetrievalObserver:
+    async def record(done: Retrieval) -> None:
+        metrics.record_retrieval(
+            done.status, messages=done.messages_downloaded, size=done.bytes_downloaded
+        )
+
+    return record

@@ -5,11 +5,12 @@ from __future__ import annotations
 from litestar import Controller, delete, get, patch, post
 from litestar.params import JSONBody
 
-from service.api.dependencies import AccountId, Accounts, Tenant
+from service.api.dependencies import AccountId, Accounts, Tenant, Verifier
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
 from service.api.problems import BAD_BODY, COMMON_ERRORS, NOT_FOUND
 from service.api.schemas import AccountOut, ListResponse
 from service.domain.inputs import AccountInput, AccountPatch
+from service.services.verify import VerifyResult
 
 
 class AccountController(Controller):
@@ -81,3 +82,19 @@ class AccountController(Controller):
         self, account_id: AccountId, tenant: Tenant, accounts: Accounts
     ) -> None:
         await accounts.delete(tenant, account_id)
+
+    @post(
+        "/{account_id:str}/verify",
+        operation_id="VerifyAccount",
+        summary="Test the account's settings: connect, TLS and log in to POP3 and SMTP",
+        description="Like a mail client's \"Test Account Settings\": each server's steps in"
+        " order (`connect`, `tls`, `auth`, and for POP3 `mailbox`), the first failure with its"
+        " `code` (`connect_failed`, `tls_required`, `tls_certificate_invalid`, `auth_failed`,"
+        " `host_not_allowed`, ...). Nothing is retrieved, sent or deleted.",
+        status_code=200,
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+    )
+    async def verify_account(
+        self, account_id: AccountId, tenant: Tenant, verifier: Verifier
+    ) -> VerifyResult:
+        return await verifier.verify(tenant, account_id)

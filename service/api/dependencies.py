@@ -11,6 +11,7 @@ from service.services.accounts import AccountService
 from service.services.messages import MessageService
 from service.services.retrieval import RetrievalService
 from service.services.sending import SendingService
+from service.services.verify import AccountVerifier
 
 ID_MAX = 64
 MAX_ATTACHMENT_INDEX = 10_000
@@ -19,6 +20,7 @@ Tenant = NamedDependency[str]
 Accounts = NamedDependency[AccountService]
 Retrievals = NamedDependency[RetrievalService]
 Messages = NamedDependency[MessageService]
+Verifier = NamedDependency[AccountVerifier]
 Outbox = NamedDependency[SendingService]
 
 AccountId = Annotated[str, PathParameter(max_length=ID_MAX, description="An account id")]

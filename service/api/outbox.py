@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
@@ -12,17 +12,12 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 from service.api.dependencies import AccountId, Outbox, OutgoingId, Tenant
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
 from service.api.problems import COMMON_ERRORS, NOT_FOUND, problem_spec
+from service.api.raw import RFC822, RawMessageOperation, raw_message_response
 from service.api.schemas import ListResponse
 from service.domain.enums import OutgoingStatus
 from service.domain.outbox import MAX_IDEMPOTENCY_KEY_CHARS, OutgoingMessage, SendRequest
-from service.mail.parse import safe_content_disposition
 
 REPLAY_HEADER = "Idempotency-Replayed"
-# Served bytes are the caller's own, but never let a browser run or sniff them.
-_UNTRUSTED_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "sandbox",
-}
 
 IdempotencyKey = Annotated[
     str | None,
@@ -138,22 +133,23 @@ class OutboxController(Controller):
         "/{outgoing_id:str}/raw",
         operation_id="GetRawOutgoingMessage",
         summary="Download the exact bytes sent (message/rfc822): the Sent Items copy",
-        media_type="message/rfc822",
+        description="`message/rfc822`, or `application/octet-stream` when `Accept` asks"
+        " for only that.",
+        media_type=RFC822,
         responses={**COMMON_ERRORS, **NOT_FOUND},
         response_description="The message as composed at acceptance, CRLF line ends",
+        operation_class=RawMessageOperation,
     )
     async def get_raw_outgoing_message(
-        self, account_id: AccountId, outgoing_id: OutgoingId, tenant: Tenant, outbox: Outbox
+        self,
+        request: Request[Any, Any, Any],
+        account_id: AccountId,
+        outgoing_id: OutgoingId,
+        tenant: Tenant,
+        outbox: Outbox,
     ) -> Response[bytes]:
         raw = await outbox.raw(tenant, account_id, outgoing_id)
-        return Response(
-            raw,
-            media_type="message/rfc822",
-            headers={
-                "Content-Disposition": safe_content_disposition(f"{outgoing_id}.eml"),
-                **_UNTRUSTED_HEADERS,
-            },
-        )
+        return raw_message_response(raw, f"{outgoing_id}.eml", request.headers.get("accept"))
 
     @delete(
         "/{outgoing_id:str}",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, Response, delete, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
 from litestar.status_codes import HTTP_202_ACCEPTED
@@ -22,16 +22,17 @@ from service.api.dependencies import (
 )
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
 from service.api.problems import COMMON_ERRORS, NOT_FOUND, problem_spec
+from service.api.raw import (
+    RFC822,
+    UNTRUSTED_CONTENT_HEADERS,
+    RawMessageOperation,
+    raw_message_response,
+)
 from service.api.schemas import ListResponse, MessageDetail
 from service.domain.retrievals import MessageFilter, MessageSummary, Retrieval
 from service.mail.parse import safe_content_disposition
 
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
-# Served bytes are the sender's: never let a browser run or sniff them on our origin.
-_UNTRUSTED_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Content-Security-Policy": "sandbox",
-}
 
 
 class RetrievalController(Controller):
@@ -143,22 +144,23 @@ class MessageController(Controller):
         "/{message_id:str}/raw",
         operation_id="GetRawMessage",
         summary="Download the exact bytes retrieved (message/rfc822)",
-        media_type="message/rfc822",
+        description="`message/rfc822`, or `application/octet-stream` when `Accept` asks"
+        " for only that.",
+        media_type=RFC822,
         responses={**COMMON_ERRORS, **NOT_FOUND},
         response_description="The message as retrieved over POP3",
+        operation_class=RawMessageOperation,
     )
     async def get_raw_message(
-        self, account_id: AccountId, message_id: MessageId, tenant: Tenant, messages: Messages
+        self,
+        request: Request[Any, Any, Any],
+        account_id: AccountId,
+        message_id: MessageId,
+        tenant: Tenant,
+        messages: Messages,
     ) -> Response[bytes]:
         raw = await messages.raw(tenant, account_id, message_id)
-        return Response(
-            raw,
-            media_type="message/rfc822",
-            headers={
-                "Content-Disposition": safe_content_disposition(f"{message_id}.eml"),
-                **_UNTRUSTED_HEADERS,
-            },
-        )
+        return raw_message_response(raw, f"{message_id}.eml", request.headers.get("accept"))
 
     @get(
         "/{message_id:str}/attachments/{index:int}",
@@ -190,7 +192,7 @@ class MessageController(Controller):
             media_type=media if _MEDIA_TYPE.fullmatch(media) else "application/octet-stream",
             headers={
                 "Content-Disposition": safe_content_disposition(found.filename),
-                **_UNTRUSTED_HEADERS,
+                **UNTRUSTED_CONTENT_HEADERS,
             },
         )
 

@@ -140,20 +140,16 @@ class Database:
                 raise RepositoryError(f"commit failed: {exc}") from exc
 
     async def fetch_one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        try:
-            cursor = await self.reader.execute(sql, tuple(params))
-            row: sqlite3.Row | None = await cursor.fetchone()
-            await cursor.close()
-            return row
-        except sqlite3.Error as exc:
-            raise RepositoryError(str(exc)) from exc
+        rows = await self.fetch_all(sql, params)
+        return rows[0] if rows else None
 
     async def fetch_all(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        # One call on the reader's thread runs the statement to its end. A statement left
+        # open between calls (execute, then fetch, then close) would keep the shared
+        # reader inside one read transaction, so concurrent reads would see an old
+        # snapshot: a message committed (and acknowledged) a moment ago would be missing.
         try:
-            cursor = await self.reader.execute(sql, tuple(params))
-            rows = list(await cursor.fetchall())
-            await cursor.close()
-            return rows
+            return list(await self.reader.execute_fetchall(sql, tuple(params)))
         except sqlite3.Error as exc:
             raise RepositoryError(str(exc)) from exc
 

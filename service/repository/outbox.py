@@ -339,7 +339,11 @@ class SQLiteOutboxRepository:
         return None if row is None or row[0] is None else from_text(row[0])
 
     async def claim(self, account_id: str, now: datetime, limit: int) -> list[ClaimedMessage]:
-        """Take up to ``limit`` due messages of the account (status ``sending``)."""
+        """Take up to ``limit`` due messages of the account (status ``sending``).
+
+        Bodies and recipients are read in the same transaction, so a failure leaves no
+        message taken without the worker knowing it.
+        """
         async with self._db.transaction() as conn:
             rows = await conn.execute_fetchall(
                 "UPDATE outbox SET status = ?, updated_at = ? WHERE id IN ("
@@ -355,27 +359,27 @@ class SQLiteOutboxRepository:
                     limit,
                 ),
             )
-        if not rows:
-            return []
-        # Sorted again: RETURNING gives rows in no promised order.
-        claimed = sorted(rows, key=lambda row: str(row["id"]))
-        ids = [row["id"] for row in claimed]
-        marks = ", ".join("?" * len(ids))
-        bodies = {
-            row["outgoing_id"]: bytes(row["raw"])
-            for row in await self._db.fetch_all(
-                f"SELECT outgoing_id, raw FROM outbox_bodies WHERE outgoing_id IN ({marks})", ids
-            )
-        }
-        recipients: dict[str, list[ClaimedRecipient]] = {i: [] for i in ids}
-        for r in await self._db.fetch_all(
-            "SELECT outgoing_id, position, address, status FROM outbox_recipients"
-            f" WHERE outgoing_id IN ({marks}) ORDER BY outgoing_id, position",
-            ids,
-        ):
-            recipients[r["outgoing_id"]].append(
-                ClaimedRecipient(r["position"], r["address"], RecipientStatus(r["status"]))
-            )
+            if not rows:
+                return []
+            ids = [row["id"] for row in rows]
+            marks = ", ".join("?" * len(ids))
+            bodies = {
+                row["outgoing_id"]: bytes(row["raw"])
+                for row in await conn.execute_fetchall(
+                    f"SELECT outgoing_id, raw FROM outbox_bodies WHERE outgoing_id IN ({marks})",
+                    ids,
+                )
+            }
+            recipients: dict[str, list[ClaimedRecipient]] = {i: [] for i in ids}
+            for r in await conn.execute_fetchall(
+                "SELECT outgoing_id, position, address, status FROM outbox_recipients"
+                f" WHERE outgoing_id IN ({marks}) ORDER BY outgoing_id, position",
+                ids,
+            ):
+                recipients[r["outgoing_id"]].append(
+                    ClaimedRecipient(r["position"], r["address"], RecipientStatus(r["status"]))
+                )
+        # Sorted: RETURNING gives rows in no promised order.
         return [
             ClaimedMessage(
                 id=row["id"],
@@ -388,7 +392,7 @@ class SQLiteOutboxRepository:
                 expires_at=from_text(row["expires_at"]),
                 recipients=tuple(recipients[row["id"]]),
             )
-            for row in claimed
+            for row in sorted(rows, key=lambda row: str(row["id"]))
         ]
 
     async def record(self, outcomes: Sequence[DeliveryOutcome]) -> None:

@@ -67,6 +67,7 @@ from service.domain.outbox import (
 )
 from service.domain.time import utcnow
 from service.errors import ServiceError
+from service.metrics import Metrics
 from service.repository.accounts import AccountRepository
 from service.repository.errors import RepositoryError
 from service.repository.outbox import EXPIRED_CODE, OutboxRepository
@@ -213,8 +214,10 @@ class DeliveryWorker:
         policy: DeliveryPolicy,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._outbox = outbox
+        self._metrics = metrics
         self._accounts = accounts
         self._account_repo = account_repo
         self._connector = connector
@@ -412,7 +415,7 @@ class DeliveryWorker:
                             await self._open_failed(account, list(pending), failure)
                             return
                     message = pending.popleft()
-                    self._finish(await self._deliver(session, message))
+                    self._finish(await self._deliver(session, message), message)
                     done += 1
                 if self._stopping or done >= self._policy.max_messages_per_session:
                     return
@@ -472,9 +475,14 @@ class DeliveryWorker:
             await self._outbox.release(left, self._clock())
             self._claimed.difference_update(left)
 
-    def _finish(self, outcome: DeliveryOutcome) -> None:
+    def _finish(self, outcome: DeliveryOutcome, message: ClaimedMessage) -> None:
         self._claimed.discard(outcome.outgoing_id)
         self._writer.put(outcome)
+        if self._metrics is not None and outcome.attempt is not None:
+            self._metrics.record_delivery_attempt(outcome.attempt.outcome)
+            if outcome.status is OutgoingStatus.SENT:
+                latency = (outcome.at - message.created_at).total_seconds()
+                self._metrics.observe_delivery_latency(latency)
 
     async def _open(self, account: Account) -> SMTPSession:
         """A connected, secured, authenticated session for the account."""
@@ -524,7 +532,7 @@ class DeliveryWorker:
             # messages waiting (due as soon as the account is fixed) and pause it.
             for message in messages:
                 attempt = _attempt(now, AttemptOutcome.DEFERRED, failure)
-                self._finish(_waiting(message, now, attempt, error))
+                self._finish(_waiting(message, now, attempt, error), message)
             if failure.code == AUTH_FAILED:
                 await self._account_repo.set_smtp_auth_failed(account.id, now)
             else:
@@ -549,7 +557,7 @@ class DeliveryWorker:
                     targets, RecipientStatus.FAILED, failure.smtp_code, failure.smtp_message
                 )
                 outcome = _conclude(message, updates, now, attempt, error=error)
-            self._finish(outcome)
+            self._finish(outcome, message)
         if earliest is not None:
             self._held[account.id] = earliest
 

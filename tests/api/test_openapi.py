@@ -12,7 +12,7 @@ from litestar.testing import AsyncTestClient
 from service.openapi import openapi_document, render
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi" / "openapi.json"
-OPEN_PATHS = {"/health", "/ready"}
+OPEN_PATHS = {"/health", "/ready", "/metrics"}
 
 
 def test_committed_spec_equals_generated() -> None:

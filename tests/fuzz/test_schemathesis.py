@@ -62,6 +62,4 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     suppress_health_check=list(HealthCheck),
 )
 def test_no_5xx_and_responses_match_the_document(case: Any, live: str) -> None:
-    case.call_and_validate(
-        base_url=live, headers={"Authorization": f"Bearer {KEY}"}, checks=CHECKS
-    )
+    case.call_and_validate(base_url=live, headers={"Authorization": f"Bearer {KEY}"}, checks=CHECKS)

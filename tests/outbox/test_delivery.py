@@ -83,6 +83,24 @@ async def test_a_server_that_drops_starttls_gets_no_credentials(
     assert len(again["attempts"]) == 1 and again["status"] == "deferred"
 
 
+async def test_a_tls_pause_ends_when_the_account_is_updated(
+    client: AsyncTestClient[Any], smtpd_no_starttls: SMTPDServer
+) -> None:
+    account_id = await create_account(client, smtpd_no_starttls, security="starttls")
+    accepted = await send(client, account_id)
+    held = await wait_status(client, account_id, accepted["id"], ["deferred"], attempts=1)
+    assert held["error"]["code"] == "tls_required"
+    # The owner decides this server is fine without TLS (and without AUTH).
+    response = await client.patch(
+        f"/v1/accounts/{account_id}", json={"outgoing": {"security": "none"}}
+    )
+    assert response.status_code == 200, response.text
+    done = await wait_status(client, account_id, accepted["id"])
+    assert done["status"] == "sent", done
+    assert [a["error_code"] for a in done["attempts"]] == ["tls_required", None]
+    assert len(smtpd_no_starttls.messages) == 1
+
+
 async def test_starttls_with_auth_delivers_encrypted_and_authenticated(
     client: AsyncTestClient[Any], smtpd_starttls: SMTPDServer
 ) -> None:

@@ -1,0 +1,52 @@
+"""Raw message downloads: ``message/rfc822`` by default, octet-stream on request.
+
+Raw messages are served as ``message/rfc822`` (what they are). The OpenAPI document also
+lists ``application/octet-stream`` for them, which a client gets by asking for it in
+``Accept``: code generators that know no ``message/*`` type then still produce a typed
+bytes download instead of dropping the operation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from litestar import Response
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Schema
+from litestar.openapi.spec.enums import OpenAPIFormat, OpenAPIType
+
+from service.mail.parse import safe_content_disposition
+
+RFC822 = "message/rfc822"
+OCTET_STREAM = "application/octet-stream"
+# Served bytes are the sender's: never let a browser run or sniff them on our origin.
+UNTRUSTED_CONTENT_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox",
+}
+
+
+def _binary() -> OpenAPIMediaType:
+    return OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING, format=OpenAPIFormat.BINARY))
+
+
+@dataclass
+class RawMessageOperation(Operation):
+    """Documents the 200 response as ``message/rfc822`` or ``application/octet-stream``."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            ok.content = {RFC822: _binary(), OCTET_STREAM: _binary()}
+
+
+def raw_message_response(data: bytes, filename: str, accept: str | None) -> Response[bytes]:
+    """The message bytes, as ``message/rfc822`` unless only octet-stream is acceptable."""
+    wants_octets = accept is not None and OCTET_STREAM in accept and RFC822 not in accept
+    return Response(
+        data,
+        media_type=OCTET_STREAM if wants_octets else RFC822,
+        headers={
+            "Content-Disposition": safe_content_disposition(filename),
+            **UNTRUSTED_CONTENT_HEADERS,
+        },
+    )
