@@ -128,6 +128,8 @@ def create_app(settings: Settings) -> Litestar:
                 cipher,
                 max_message_bytes=settings.max_message_bytes,
                 host_check=connector.check_account,
+                # Late-bound: the delivery worker is created below.
+                on_outgoing_changed=lambda account_id: delivery.notify(account_id),
             )
             retrievals = SQLiteRetrievalRepository(db)
             messages = SQLiteMessageRepository(db)

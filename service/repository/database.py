@@ -25,7 +25,9 @@ from service.repository.errors import DuplicateError, RepositoryError
 from service.repository.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 10_000
-CACHE_KIB = 64 * 1024
+# Page cache per connection. Message bodies pass through the writer once and are rarely
+# read again, so a big cache mostly holds bytes already on disk (it set the peak RSS).
+CACHE_KIB = 8 * 1024
 PAGE_SIZE = 65_536
 
 
@@ -54,6 +56,11 @@ class Database:
             await self._migrate(self._writer)
             self._reader = await self._connect()
             await self._reader.execute("PRAGMA query_only=ON")
+            for conn in (self._writer, self._reader):
+                # Sized only now that the page size is known: SQLite turns a size in KiB
+                # into pages of the size current when it is set, and 4 KiB pages counted
+                # at 64 KiB each would make the cache 16 times the intended size.
+                await conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         except sqlite3.Error as exc:
             await self.close()
             raise RepositoryError(f"cannot open database: {exc}") from exc
@@ -64,7 +71,6 @@ class Database:
         conn.row_factory = sqlite3.Row
         await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         await conn.execute("PRAGMA foreign_keys=ON")
-        await conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         return conn
 
     async def close(self) -> None:

@@ -55,8 +55,10 @@ class AccountService:
         *,
         max_message_bytes: int,
         host_check: HostCheck = _no_host_check,
+        on_outgoing_changed: Callable[[str], None] | None = None,
     ) -> None:
         self._repo = repository
+        self._on_outgoing_changed = on_outgoing_changed
         self._cipher = cipher
         self._max_message_bytes = max_message_bytes
         self._host_check = host_check
@@ -167,6 +169,9 @@ class AccountService:
         )
         await self._host_check(updated)
         await self._repo.replace(updated)
+        if self._on_outgoing_changed is not None and not isinstance(patch.outgoing, UnsetType):
+            # Delivery paused on this account's settings can resume at once.
+            self._on_outgoing_changed(account_id)
         return updated
 
     def _patch_outgoing(
