@@ -194,26 +194,6 @@ def create_app(settings: Settings) -> Litestar:
         tenant: str = request.state.tenant
         return tenant
 
-    def provide_accounts(state: State) -> AccountService:
-        accounts: AccountService = state.accounts
-        return accounts
-
-    def provide_retrievals(state: State) -> RetrievalService:
-        retrievals: RetrievalService = state.retrievals
-        return retrievals
-
-    def provide_messages(state: State) -> MessageService:
-        messages: MessageService = state.messages
-        return messages
-
-    def provide_outbox(state: State) -> SendingService:
-        outbox: SendingService = state.outbox
-        return outbox
-
-    def provide_verifier(state: State) -> AccountVerifier:
-        verifier: AccountVerifier = state.verifier
-        return verifier
-
     @get(
         "/metrics",
         operation_id="GetMetrics",
@@ -239,11 +219,10 @@ def create_app(settings: Settings) -> Litestar:
         ],
         dependencies={
             "tenant": Provide(provide_tenant, sync_to_thread=False),
-            "accounts": Provide(provide_accounts, sync_to_thread=False),
-            "retrievals": Provide(provide_retrievals, sync_to_thread=False),
-            "messages": Provide(provide_messages, sync_to_thread=False),
-            "outbox": Provide(provide_outbox, sync_to_thread=False),
-            "verifier": Provide(provide_verifier, sync_to_thread=False),
+            **{
+                name: _from_state(name)
+                for name in ("accounts", "retrievals", "messages", "outbox", "verifier")
+            },
         },
     )
     app = Litestar(
@@ -262,6 +241,15 @@ def create_app(settings: Settings) -> Litestar:
     )
     # Outside the router, so 404s and 405s get a request id and are counted too.
     return wrap_router(app, RequestIdMiddleware, metrics.middleware)
+
+
+def _from_state(name: str) -> Provide:
+    """A dependency that hands out the service the lifespan stored as ``app.state.<name>``."""
+
+    def provide(state: State) -> Any:
+        return getattr(state, name)
+
+    return Provide(provide, sync_to_thread=False)
 
 
 def _retrieval_metrics(metrics: Metrics) -> RetrievalObserver:

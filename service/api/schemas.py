@@ -120,21 +120,9 @@ class AttachmentOut(msgspec.Struct, frozen=True):
     disposition: str | None
 
 
-class MessageDetail(msgspec.Struct, frozen=True, kw_only=True):
-    """A stored message parsed: decoded headers, bodies and the attachment list."""
+class MessageDetail(MessageSummary, frozen=True, kw_only=True):
+    """A stored message parsed: its summary plus decoded headers, bodies and attachments."""
 
-    id: str
-    account_id: str
-    uidl: str
-    size: int
-    retrieved_at: datetime
-    message_id: str | None
-    from_: str | None = msgspec.field(name="from")
-    to: list[str]
-    cc: list[str]
-    subject: str | None
-    date: datetime | None
-    has_attachments: bool
     headers: list[HeaderOut]
     text: BodyOut | None
     html: BodyOut | None
@@ -143,19 +131,10 @@ class MessageDetail(msgspec.Struct, frozen=True, kw_only=True):
 
     @classmethod
     def of(cls, s: MessageSummary, p: ParsedMessage) -> MessageDetail:
+        summary = {f: getattr(s, f) for f in s.__struct_fields__}
+        summary["has_attachments"] = s.has_attachments or bool(p.attachments)
         return cls(
-            id=s.id,
-            account_id=s.account_id,
-            uidl=s.uidl,
-            size=s.size,
-            retrieved_at=s.retrieved_at,
-            message_id=s.message_id,
-            from_=s.from_,
-            to=s.to,
-            cc=s.cc,
-            subject=s.subject,
-            date=s.date,
-            has_attachments=s.has_attachments or bool(p.attachments),
+            **summary,
             headers=[HeaderOut(name, value) for name, value in p.headers],
             text=BodyOut(p.text.content, p.text.charset) if p.text else None,
             html=BodyOut(p.html.content, p.html.charset) if p.html else None,
