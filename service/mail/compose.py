@@ -57,12 +57,16 @@ MAX_CONTENT_TYPE_CHARS = 255
 MAX_LINE_OCTETS = 998
 """RFC 5322 section 2.1.1 / RFC 5321 section 4.5.3.1.6: octets per line, CRLF excluded."""
 
+SIMPLE_LINE_CHARS = 78
+"""Longest body line sent unencoded (7bit), as the email package decides (RFC 5322's SHOULD)."""
+
 # Bodies: 7-bit transfer encodings only (quoted-printable/base64 where needed), so the
 # message never depends on the server's 8BITMIME. SMTP policy = CRLF line ends.
 _POLICY_ASCII = email_policy.SMTP.clone(cte_type="7bit")
 _POLICY_UTF8 = email_policy.SMTPUTF8.clone(cte_type="7bit")
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_MIME_VERSION = b"MIME-Version: 1.0\r\n"
 _LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # RFC 5322 phrase of atoms separated by single spaces: a display name needing no quotes.
@@ -143,6 +147,12 @@ def compose(draft: Draft) -> ComposedMessage:
 
     :raises MailInputError: the first invalid field, with a stable ``code``.
     """
+    return _compose(draft, allow_simple=True)
+
+
+def _compose(draft: Draft, *, allow_simple: bool) -> ComposedMessage:
+    """``compose``; ``allow_simple=False`` always takes the ``email`` package's body path
+    (tests compare the two)."""
     sender = parse_address(draft.from_address, field="from")
     from_name = _optional_name(draft.from_name, "from_name")
     to = _parse_list(draft.to, "to")
@@ -181,9 +191,18 @@ def compose(draft: Draft) -> ComposedMessage:
     _set_text(message, "Message-ID", message_id)
     for name, value in extra_headers:
         _set_text(message, name, value)
-    _set_body(message, text, html, attachments)
-
-    data = _crlf_only(message.as_bytes(policy=policy))
+    simple = _simple_body(text, html) if allow_simple and not attachments else None
+    if simple is None:
+        _set_body(message, text, html, attachments)
+        data = _crlf_only(message.as_bytes(policy=policy))
+    else:
+        # The same bytes the email package writes for such a body (7bit, CRLF), without
+        # its per-line generator, which cost more than half of accepting a send request.
+        content_headers, body = simple
+        # Headers without the MIME ones (the generator would act on a Content-Type),
+        # then those, already folded, then the body.
+        head = _crlf_only(message.as_bytes(policy=policy))[: -len(b"\r\n")]
+        data = head + content_headers + b"\r\n" + body
     _check_line_lengths(data)
     return ComposedMessage(
         data=data,
@@ -371,6 +390,54 @@ def _set_body(
             del part["MIME-Version"]
     if "MIME-Version" not in message:
         message["MIME-Version"] = "1.0"
+
+
+def _seven_bit(value: str) -> bytes | None:
+    """``value`` (LF line breaks) as a 7bit body with CRLF, if it can travel unencoded.
+
+    That is what the email package does for ASCII text whose lines fit
+    ``SIMPLE_LINE_CHARS``; anything else (non-ASCII, long lines) goes through it instead.
+    """
+    if not value.isascii():
+        return None
+    lines = value.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    if any(len(line) > SIMPLE_LINE_CHARS for line in lines):
+        return None
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _simple_body(text: str | None, html: str | None) -> tuple[bytes, bytes] | None:
+    """MIME header lines and body bytes for 7bit text and/or html, else None.
+
+    Byte for byte what the email package writes for the same body (but the boundary).
+    """
+    parts = [
+        (subtype, encoded)
+        for subtype, value in (("plain", text), ("html", html))
+        if value is not None and (encoded := _seven_bit(value)) is not None
+    ]
+    if not parts or len(parts) != (text is not None) + (html is not None):
+        return None
+    if len(parts) == 1:
+        subtype, body = parts[0]
+        return _part_headers(subtype) + _MIME_VERSION, body
+    boundary = f"=_{uuid.uuid4().hex}"
+    delimiter = b"--" + boundary.encode("ascii")
+    chunks = []
+    for subtype, body in parts:
+        if delimiter in body:  # a 128-bit random boundary: never in practice
+            return None
+        chunks.append(delimiter + b"\r\n" + _part_headers(subtype) + b"\r\n" + body + b"\r\n")
+    content_type = f'Content-Type: multipart/alternative;\r\n boundary="{boundary}"\r\n'
+    return _MIME_VERSION + content_type.encode("ascii"), b"".join(chunks) + delimiter + b"--\r\n"
+
+
+def _part_headers(subtype: str) -> bytes:
+    return (
+        f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: 7bit\r\n'
+    ).encode("ascii")
 
 
 def _check_line_lengths(data: bytes) -> None:
