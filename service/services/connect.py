@@ -7,6 +7,7 @@ still verifies the account's host name.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
@@ -70,11 +71,14 @@ class MailConnector:
             )
 
     async def address(self, host: str, port: int) -> str:
-        """The checked address to dial for ``host``."""
+        """The checked address to dial for ``host`` (DNS bounded by the connect timeout)."""
         try:
-            addresses = await self._guard.resolve(host, port)
+            async with asyncio.timeout(self._connect_timeout_s):
+                addresses = await self._guard.resolve(host, port)
         except NetGuardError as exc:
             raise ConnectFailure(exc.code, str(exc)) from exc
+        except TimeoutError:
+            raise ConnectFailure("timeout", f"resolving {host} timed out") from None
         return addresses[0]
 
     @contextlib.asynccontextmanager
