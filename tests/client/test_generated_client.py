@@ -9,7 +9,6 @@ and handle a 404 and a 422 as typed problems.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import shutil
 import subprocess
@@ -23,11 +22,11 @@ import pytest
 from tests.process import start, stop
 from tests.servers.dovecot import Dovecot
 from tests.servers.smtp import SMTPDServer
+from tests.waiting import until
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = ROOT / "openapi" / "openapi.json"
 KEY = "client-key-0123456789abcdef"
-WAIT_S = 60
 
 
 @pytest.fixture(scope="module")
@@ -87,15 +86,6 @@ def api(tag: str, operation: str) -> Any:
 
 def model(name: str) -> Any:
     return getattr(importlib.import_module("mailroom_client.models"), name)
-
-
-async def until(fetch: Any, done: Any) -> Any:
-    for _ in range(WAIT_S * 20):
-        value = await fetch()
-        if done(value):
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not reached: {value}")
 
 
 async def test_generated_client_scenario(

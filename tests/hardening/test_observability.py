@@ -7,7 +7,6 @@ response body is then scanned for the passwords.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 from collections.abc import Awaitable, Callable
@@ -20,18 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.process import start, stop
 from tests.servers.dovecot import Dovecot
 from tests.servers.smtp import SMTPDServer, SMTPTLSFiles
+from tests.waiting import until
 
 KEY = "observe-key-0123456789abcdef"
-WAIT_S = 60
-
-
-async def until(fetch: Callable[[], Awaitable[Any]], done: Callable[[Any], bool]) -> Any:
-    for _ in range(WAIT_S * 20):
-        value = await fetch()
-        if done(value):
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"not reached: {value}")
 
 
 async def test_secrets_never_leak_and_everything_is_observable(

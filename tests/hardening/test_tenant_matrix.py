@@ -10,7 +10,6 @@ are untouched.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from tests.process import start, stop
 from tests.retrieval.conftest import DATA
 from tests.servers.dovecot import Dovecot
 from tests.servers.smtp import running_smtp_sink
+from tests.waiting import wait_for
 
 SPEC = json.loads((Path(__file__).resolve().parents[2] / "openapi" / "openapi.json").read_text())
 KEY_A = "tenant-a-key-0123456789"
@@ -48,15 +48,6 @@ def operations() -> list[tuple[str, str, str]]:
         if "{account_id}" in path
         for method, op in item.items()
     ]
-
-
-def wait(predicate: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
 
 
 @pytest.fixture(scope="module")
@@ -91,13 +82,14 @@ def world(tmp_path_factory: pytest.TempPathFactory, dovecot: Dovecot) -> Iterato
                 },
             ).json()["id"]
             retrieval = http.post(f"/v1/accounts/{account}/retrievals", headers=A).json()["id"]
-            wait(
+            wait_for(
                 lambda: (
                     http.get(f"/v1/accounts/{account}/retrievals/{retrieval}", headers=A).json()[
                         "status"
                     ]
                     == "succeeded"
-                )
+                ),
+                interval=0.05,
             )
             message = http.get(f"/v1/accounts/{account}/messages", headers=A).json()["items"][0]
             outgoing = http.post(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,20 +10,11 @@ import httpx
 
 from tests.process import kill, start, stop
 from tests.retrieval.conftest import LOOPBACK, account_json
+from tests.waiting import wait_for
 
 KEY = "crash-test-key-0123456789"
 MESSAGES = 1500
 BODY = b"x" * 76 + b"\n"
-
-
-def wait_for(predicate: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.01)
-    raise AssertionError("condition not reached")
 
 
 def test_sigkill_during_retrieval_loses_and_doubles_nothing(
