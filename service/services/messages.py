@@ -44,7 +44,10 @@ class MessageService:
         self, tenant: str, account_id: str, message_id: str
     ) -> tuple[MessageSummary, ParsedMessage]:
         summary = await self.summary(tenant, account_id, message_id)
-        raw = await self.raw(tenant, account_id, message_id)
+        # The account check is done; read the body straight from the store.
+        raw = await self._messages.raw(account_id, message_id)
+        if raw is None:  # deleted in between
+            raise NotFound(f"no message {message_id!r}")
         if len(raw) >= PARSE_IN_THREAD_BYTES:
             return summary, await asyncio.to_thread(parse, raw)
         return summary, parse(raw)

@@ -155,8 +155,12 @@ class RetrievalService:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def _run(self, account: Account, retrieval: Retrieval) -> None:
+        started_at = utcnow()
+        await self._retrievals.start(retrieval.id, started_at)
+        retrieval = msgspec.structs.replace(
+            retrieval, status=RetrievalStatus.RUNNING, started_at=started_at
+        )
         run = _Run(self, account, retrieval)
-        await self._retrievals.start(retrieval.id, utcnow())
         status, error = RetrievalStatus.SUCCEEDED, None
         try:
             await run.execute()
@@ -165,9 +169,7 @@ class RetrievalService:
             error = RetrievalError("interrupted", "the service stopped during this retrieval")
             await asyncio.shield(self._finish(retrieval, status, run.progress(), error))
             raise
-        except ConnectFailure as exc:
-            status, error = RetrievalStatus.FAILED, RetrievalError(exc.code, exc.detail)
-        except POP3Error as exc:
+        except (ConnectFailure, POP3Error) as exc:
             status, error = RetrievalStatus.FAILED, RetrievalError(exc.code, exc.detail)
         except RepositoryError as exc:
             logger.error("retrieval %s: store failed: %s", retrieval.id, exc)
@@ -195,9 +197,15 @@ class RetrievalService:
         if error is not None:
             logger.warning("retrieval %s failed: %s (%s)", retrieval.id, error.code, error.detail)
         if self._on_finished is not None:
-            done = await self._retrievals.get(retrieval.account_id, retrieval.id)
-            if done is not None:
-                await self._on_finished(done)
+            # Everything the store now holds for it is here already: no read back.
+            done = msgspec.structs.replace(
+                retrieval,
+                status=status,
+                finished_at=finished_at,
+                error=error,
+                **msgspec.structs.asdict(progress),
+            )
+            await self._on_finished(done)
 
 
 class _Run:
