@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -168,8 +169,8 @@ def run_mpop(host: str, port: int, mailbox: Mailbox, expect: int) -> float:
     return elapsed
 
 
-def median_of(label: str, fn: object, repeats: int) -> float:
-    times = [fn() for _ in range(repeats)]  # type: ignore[operator]
+def median_of(label: str, fn: Callable[[], float], repeats: int) -> float:
+    times = [fn() for _ in range(repeats)]
     value = statistics.median(times)
     print(f"{label:<10} median {value:.3f} s   runs: {', '.join(f'{t:.3f}' for t in times)}")
     return value
