@@ -122,6 +122,7 @@ def create_app(settings: Settings) -> Litestar:
                 ca_file=settings.ca_file,
                 pop3_timeout_s=settings.pop3_timeout_s,
                 connect_timeout_s=settings.connect_timeout_s,
+                ehlo_name=settings.ehlo_name,
             )
             accounts = AccountService(
                 account_repo,

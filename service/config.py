@@ -11,6 +11,7 @@ import base64
 import binascii
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 ENV_PREFIX = "MAILROOM_"
 DEFAULT_TENANT = "default"
 SECRET_KEY_BYTES = 32  # AES-256-GCM
+# The window over which ``min_transfer_rate`` is measured: a session that moves fewer than
+# rate x window bytes in any such window while a reply is due is abandoned (``timeout``).
+MIN_RATE_WINDOW_S = 60.0
 
 
 class ConfigError(ValueError):
@@ -60,14 +64,35 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_attachment_bytes: int = 20 * 1024 * 1024  # one decoded attachment
     max_recipients: int = 100  # to + cc + bcc of one outgoing message
 
-    # Concurrency
+    # Concurrency (a tenant's share: None is half the global limit, at least 1)
     max_concurrent_retrievals: int = 8
+    max_retrievals_per_tenant: int | None = None
     smtp_concurrency: int = 8  # delivery sessions at once
+    smtp_sessions_per_tenant: int | None = None
     scheduler_interval_s: float = 15.0  # how often the poll schedule is checked
 
     # Network timeouts (seconds)
-    pop3_timeout_s: float = 60.0
+    pop3_timeout_s: float = 60.0  # one read or write
     connect_timeout_s: float = 30.0
+    retrieval_timeout_s: float = 1800.0  # one whole POP3 session
+    smtp_attempt_timeout_s: float = 600.0  # one whole delivery attempt (one message)
+    verify_timeout_s: float = 30.0  # "test these settings", both servers
+    # A transfer slower than this many bytes per second over MIN_RATE_WINDOW_S is abandoned.
+    min_transfer_rate: int = 256
+
+    # The name Mailroom gives in EHLO; None: this host's FQDN when it has a dot, else the
+    # account's email domain.
+    ehlo_name: str | None = None
+
+    @property
+    def retrievals_per_tenant(self) -> int:
+        """How many of the retrieval slots one tenant may hold at once."""
+        return _share(self.max_retrievals_per_tenant, self.max_concurrent_retrievals)
+
+    @property
+    def smtp_sessions_tenant_share(self) -> int:
+        """How many of the delivery sessions one tenant's accounts may hold at once."""
+        return _share(self.smtp_sessions_per_tenant, self.smtp_concurrency)
 
     # Delivery retry schedule: delays between attempts, then give up
     retry_delays_s: tuple[float, ...] = (5, 30, 120, 300, 900, 1800, 3600, 7200, 14400, 28800)
@@ -129,6 +154,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "MAX_RECIPIENTS": ("max_recipients", 1, 10_000),
             "MAX_CONCURRENT_RETRIEVALS": ("max_concurrent_retrievals", 1, 1000),
             "SMTP_CONCURRENCY": ("smtp_concurrency", 1, 1000),
+            "MAX_RETRIEVALS_PER_TENANT": ("max_retrievals_per_tenant", 1, 1000),
+            "SMTP_SESSIONS_PER_TENANT": ("smtp_sessions_per_tenant", 1, 1000),
+            "MIN_TRANSFER_RATE": ("min_transfer_rate", 0, 1 << 30),
         }
         for name, (field, low, high) in int_settings.items():
             if (value := get(name)) is not None:
@@ -139,7 +167,43 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             kwargs["scheduler_interval_s"] = _float("MAILROOM_SCHEDULER_INTERVAL", value, 0.05)
         if (value := get("MAX_MESSAGE_AGE")) is not None:
             kwargs["max_message_age_s"] = _float("MAILROOM_MAX_MESSAGE_AGE", value, 1.0)
+        float_settings = {
+            "RETRIEVAL_TIMEOUT": "retrieval_timeout_s",
+            "SMTP_ATTEMPT_TIMEOUT": "smtp_attempt_timeout_s",
+            "VERIFY_TIMEOUT": "verify_timeout_s",
+        }
+        for name, field in float_settings.items():
+            if (value := get(name)) is not None:
+                kwargs[field] = _float(ENV_PREFIX + name, value, 0.1)
+        if (value := get("EHLO_NAME")) is not None:
+            kwargs["ehlo_name"] = parse_ehlo_name(value)
         return cls(**kwargs)  # type: ignore[arg-type]
+
+
+def _share(configured: int | None, total: int) -> int:
+    share = configured if configured is not None else total // 2
+    return max(1, min(share, total))
+
+
+_EHLO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def parse_ehlo_name(value: str) -> str:
+    """A fully qualified domain name or an address literal (``[192.0.2.1]``)."""
+    if value.startswith("[") and value.endswith("]"):
+        inner = value[1:-1]
+        try:
+            ipaddress.ip_address(inner.removeprefix("IPv6:"))
+        except ValueError:
+            raise ConfigError(f"MAILROOM_EHLO_NAME: {value!r} is not an address literal") from None
+        return value
+    labels = value.rstrip(".").split(".")
+    if len(value) > 253 or len(labels) < 2 or not all(_EHLO_LABEL.fullmatch(x) for x in labels):
+        raise ConfigError(
+            f"MAILROOM_EHLO_NAME: {value!r} is not a fully qualified domain name"
+            " (like mail.example.com) or an address literal (like [192.0.2.1])"
+        )
+    return value.rstrip(".")
 
 
 def _int(name: str, value: str, low: int, high: int) -> int:

@@ -3,13 +3,16 @@
 Hierarchy::
 
     ServiceError                 any failure a caller should see, with a stable ``code``
+    ├── BadRequest               the request cannot be read as sent        (code: ambiguous_header)
     ├── Unauthorized             missing or wrong API key                  (code: unauthorized)
     ├── NotFound                 no such resource for this caller          (code: not_found)
     ├── Conflict                 state forbids the operation               (code: conflict, ...)
     ├── Invalid                  input rejected; ``errors`` lists fields   (code: validation_error)
     ├── TooLarge                 input over a configured size limit        (code: too_large, ...)
     ├── TooManyRequests          a concurrency or rate limit is reached    (code: too_many_requests)
+    ├── UnsupportedMediaType     a JSON route got another content type     (unsupported_media_type)
     ├── Unavailable              a dependency (database) is not ready      (code: unavailable)
+    ├── StorageFull              the disk is full: nothing was stored      (code: storage_full)
     └── Upstream                 a mail server failed; ``code`` says how   (auth_failed, …)
 
 Packages below the service layer (``pop3``, ``smtp``, ``repository``) have their own base
@@ -41,6 +44,21 @@ class ServiceError(Exception):
         self.detail = detail
         if code is not None:
             self.code = code
+
+
+class BadRequest(ServiceError):
+    code = "ambiguous_header"
+    title = "Bad request"
+
+
+class UnsupportedMediaType(ServiceError):
+    code = "unsupported_media_type"
+    title = "Unsupported media type"
+
+
+class StorageFull(ServiceError):
+    code = "storage_full"
+    title = "Insufficient storage"
 
 
 class Unauthorized(ServiceError):

@@ -4,6 +4,10 @@ Every line logged while a request is served carries its request id (``request_id
 JSON, ``[id]`` after the logger name in text): ``configure_logging`` installs
 ``service.context.RequestIdFilter`` on the handler, which reads the id that
 ``service.api.middleware.RequestIdMiddleware`` put in a context variable.
+
+Business events (a request served, a retrieval finished, a message sent...) are logged with
+:func:`log_event`: one INFO line whose fields JSON mode carries as keys of the object and
+text mode appends as ``key=value``. Fields never hold a secret.
 """
 
 from __future__ import annotations
@@ -16,7 +20,38 @@ from datetime import UTC, datetime
 from service.config import Settings
 from service.context import RequestIdFilter
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s %(message)s%(field_text)s"
+FIELDS_ATTR = "fields"  # the ``extra`` key that carries an event's fields
+# Keys a field may not take in JSON mode (they are the line's own).
+_RESERVED = frozenset({"time", "level", "logger", "message", "request_id", "exception"})
+
+FieldValue = str | int | float | bool | None
+
+
+def log_event(
+    logger: logging.Logger,
+    message: str,
+    /,
+    *,
+    level: int = logging.INFO,
+    **fields: FieldValue,
+) -> None:
+    """Log one business event: ``message`` for people, ``fields`` for machines."""
+    if logger.isEnabledFor(level):
+        logger.log(level, message, extra={FIELDS_ATTR: fields})
+
+
+def _fields(record: logging.LogRecord) -> dict[str, FieldValue]:
+    value = getattr(record, FIELDS_ATTR, None)
+    return value if isinstance(value, dict) else {}
+
+
+def _text_value(value: FieldValue) -> str:
+    text = "" if value is None else str(value)
+    # Quoted when it has spaces or quotes, so a line stays one ``key=value`` list.
+    if not text or any(c.isspace() or c in '"=' for c in text):
+        return json.dumps(text, ensure_ascii=False)
+    return text
 
 
 class JsonFormatter(logging.Formatter):
@@ -32,6 +67,8 @@ class JsonFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id:
             entry["request_id"] = request_id
+        for key, value in _fields(record).items():
+            entry[f"field_{key}" if key in _RESERVED else key] = value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
@@ -46,6 +83,8 @@ class TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         request_id = getattr(record, "request_id", None)
         record.request_tag = f" [{request_id}]" if request_id else ""
+        fields = _fields(record)
+        record.field_text = "".join(f" {k}={_text_value(v)}" for k, v in fields.items())
         return super().format(record)
 
 

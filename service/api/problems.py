@@ -29,14 +29,17 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 logger = logging.getLogger("mailroom.api")
 
 STATUS_OF: dict[type[errors.ServiceError], int] = {
+    errors.BadRequest: 400,
     errors.Unauthorized: 401,
     errors.NotFound: 404,
     errors.Conflict: 409,
     errors.TooLarge: 413,
+    errors.UnsupportedMediaType: 415,
     errors.Invalid: 422,
     errors.TooManyRequests: 429,
     errors.Upstream: 502,
     errors.Unavailable: 503,
+    errors.StorageFull: 507,
 }
 
 

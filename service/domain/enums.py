@@ -18,6 +18,7 @@ class RetrievalStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
 class RetrievalTrigger(StrEnum):

@@ -3,7 +3,8 @@
 Hierarchy::
 
     RepositoryError          the store failed (I/O, corruption, locked too long)
-    └── DuplicateError       a uniqueness rule was hit (e.g. account + UIDL, idempotency key)
+    ├── DuplicateError       a uniqueness rule was hit (e.g. account + UIDL, idempotency key)
+    └── StorageFullError     the disk (or the database's size limit) is full
 """
 
 from __future__ import annotations
@@ -15,3 +16,7 @@ class RepositoryError(Exception):
 
 class DuplicateError(RepositoryError):
     """A row with the same unique key exists."""
+
+
+class StorageFullError(RepositoryError):
+    """The write failed because there is no space left; nothing of it was stored."""

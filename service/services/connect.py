@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
+
+import idna
 
 from service.domain.accounts import Account
 from service.errors import FieldError, Invalid
@@ -17,6 +20,31 @@ from service.netguard import ConnectionGuard, HostNotAllowed, NetGuardError
 from service.pop3.client import POP3Client
 from service.smtp.config import SMTPServer
 from service.tls import client_context
+
+# A host name that says nothing about who is connecting: never used as the EHLO name.
+_UNQUALIFIED = frozenset({"localhost", "localhost.localdomain", "localdomain"})
+
+
+def ehlo_name(configured: str | None, fqdn: str, email: str) -> str:
+    """The name Mailroom gives in EHLO for an account.
+
+    Submission servers often refuse a name that is not fully qualified
+    (``reject_non_fqdn_helo_hostname``), so: the configured name, else this host's FQDN
+    when it has a dot, else the domain of the account's address (in its ASCII form).
+    """
+    if configured:
+        return configured
+    if "." in fqdn.strip(".") and fqdn.lower() not in _UNQUALIFIED and _printable(fqdn):
+        return fqdn
+    domain = email.rpartition("@")[2]
+    try:
+        return idna.encode(domain, uts46=True).decode("ascii")
+    except idna.IDNAError:
+        return domain if domain.isascii() and _printable(domain) else "localhost"
+
+
+def _printable(name: str) -> bool:
+    return bool(name) and all(c.isascii() and c.isprintable() and not c.isspace() for c in name)
 
 
 class ConnectFailure(Exception):
@@ -38,8 +66,11 @@ class MailConnector:
         ca_file: str | None,
         pop3_timeout_s: float,
         connect_timeout_s: float,
+        ehlo_name: str | None = None,
     ) -> None:
         self._guard = guard
+        self._ehlo_name = ehlo_name
+        self._fqdn: str | None = None  # looked up once, on first use
         self._ca_file = ca_file
         # One verifying context for every POP3 connection: building one loads the CAs.
         self._ssl_context = client_context(ca_file)
@@ -101,6 +132,11 @@ class MailConnector:
         """The SMTP settings of ``account`` with a checked address to dial."""
         outgoing = account.outgoing
         address = await self.address(outgoing.host, outgoing.port)
+        if self._fqdn is None and not self._ehlo_name:
+            try:
+                self._fqdn = await asyncio.to_thread(socket.getfqdn)
+            except OSError:
+                self._fqdn = ""
         return SMTPServer(
             host=outgoing.host,
             port=outgoing.port,
@@ -110,4 +146,5 @@ class MailConnector:
             allow_insecure_auth=outgoing.allow_insecure_auth,
             ca_file=self._ca_file,
             connect_address=address,
+            local_hostname=ehlo_name(self._ehlo_name, self._fqdn or "", account.email),
         )

@@ -47,7 +47,6 @@ import dataclasses
 import logging
 import math
 import random
-import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -95,7 +94,6 @@ DUE_ACCOUNTS_SCAN = 1000  # accounts considered per planning round
 WRITE_BATCH = 500  # outcomes per commit
 WRITE_RETRIES = 3
 WRITE_RETRY_DELAY_S = 0.5
-FALLBACK_LOCAL_HOSTNAME = "localhost"
 
 AUTH_FAILED = "auth_failed"
 HOST_NOT_ALLOWED = "host_not_allowed"
@@ -236,7 +234,6 @@ class DeliveryWorker:
         self._held: dict[str, datetime] = {}  # transient trouble: not before this time
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
-        self._local_hostname = FALLBACK_LOCAL_HOSTNAME
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -249,7 +246,6 @@ class DeliveryWorker:
                 " again (a server may receive one twice, with the same Message-ID)",
                 recovered,
             )
-        self._local_hostname = await _local_hostname()
         self._stopping = False
         self._wake.clear()
         self._reclaim.clear()
@@ -511,10 +507,9 @@ class DeliveryWorker:
         return session
 
     def _configure(self, server: SMTPServer) -> SMTPServer:
-        changes: dict[str, object] = {"local_hostname": self._local_hostname}
-        if self._policy.timeouts is not None:
-            changes["timeouts"] = self._policy.timeouts
-        return dataclasses.replace(server, **changes)  # type: ignore[arg-type]
+        if self._policy.timeouts is None:
+            return server
+        return dataclasses.replace(server, timeouts=self._policy.timeouts)
 
     async def _open_failed(
         self, account: Account, messages: list[ClaimedMessage], failure: _Failure
@@ -818,14 +813,3 @@ def _round_robin(wanted: list[str]) -> list[str]:
         rounds[account_id] = nth + 1
         keyed.append((nth, index, account_id))
     return [account_id for _, _, account_id in sorted(keyed)]
-
-
-async def _local_hostname() -> str:
-    """This machine's name for EHLO, looked up once (aiosmtplib would do it per session)."""
-    try:
-        name = await asyncio.to_thread(socket.getfqdn)
-    except OSError:
-        return FALLBACK_LOCAL_HOSTNAME
-    if not name or any(c.isspace() or not c.isprintable() or not c.isascii() for c in name):
-        return FALLBACK_LOCAL_HOSTNAME
-    return name
