@@ -6,11 +6,12 @@ are opened in the lifespan, so tests build apps on temporary databases.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from litestar import Litestar, Request, Response, Router, get
@@ -25,11 +26,17 @@ from service import __version__
 from service.api.accounts import AccountController
 from service.api.auth import KeyRing, hash_key, require_api_key
 from service.api.health import HealthController
-from service.api.middleware import RequestIdMiddleware, wrap_router
+from service.api.middleware import (
+    AccessLogMiddleware,
+    RequestIdMiddleware,
+    check_json_request,
+    wrap_router,
+)
 from service.api.outbox import OutboxController
 from service.api.problems import (
     http_exception_handler,
     internal_error_handler,
+    repository_error_handler,
     service_error_handler,
 )
 from service.api.retrievals import MessageController, RetrievalController
@@ -42,6 +49,7 @@ from service.netguard import ConnectionGuard
 from service.repository.accounts import SQLiteAccountRepository
 from service.repository.api_keys import SQLiteApiKeyRepository
 from service.repository.database import Database
+from service.repository.errors import RepositoryError, StorageFullError
 from service.repository.messages import SQLiteMessageRepository
 from service.repository.outbox import SQLiteOutboxRepository
 from service.repository.retrievals import SQLiteRetrievalRepository
@@ -59,6 +67,12 @@ logger = logging.getLogger("mailroom")
 
 OPENAPI_PATH = "/docs"
 GENERATED_KEY_PREFIX = "mr_"
+# Startup steps that found the disk full are tried again in the background, this often
+# (doubling up to the maximum), so the service starts and /ready reports `storage_full`.
+STARTUP_RETRY_S = 1.0
+STARTUP_RETRY_MAX_S = 30.0
+
+StartupStep = tuple[str, Callable[[], Awaitable[object]]]
 
 
 def openapi_config() -> OpenAPIConfig:
@@ -111,11 +125,18 @@ def create_app(settings: Settings) -> Litestar:
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         db = Database(settings.database)
-        await db.open()
+        app.state.db = db
+        app.state.key_ring = None  # 503 until loaded (configured keys: at once)
+        if settings.api_keys:
+            app.state.key_ring = await _key_ring(settings, db)
+
+        async def load_stored_keys() -> None:
+            app.state.key_ring = await _key_ring(settings, db)
+
+        # The store may be full: what needs a write waits in the background (below).
+        pending = await _run_startup_steps([("open the database", db.open)])
         try:
             cipher = CredentialCipher(load_or_create_keys(settings))
-            app.state.db = db
-            app.state.key_ring = await _key_ring(settings, db)
             account_repo = SQLiteAccountRepository(db)
             connector = MailConnector(
                 ConnectionGuard(settings.allowed_networks),
@@ -130,7 +151,7 @@ def create_app(settings: Settings) -> Litestar:
                 max_message_bytes=settings.max_message_bytes,
                 host_check=connector.check_account,
                 # Late-bound: the delivery worker is created below.
-                on_outgoing_changed=lambda account_id: delivery.notify(account_id),
+                on_outgoing_changed=lambda account_id: delivery.outgoing_changed(account_id),
             )
             retrievals = SQLiteRetrievalRepository(db)
             messages = SQLiteMessageRepository(db)
@@ -142,6 +163,9 @@ def create_app(settings: Settings) -> Litestar:
                 connector=connector,
                 max_message_bytes=settings.max_message_bytes,
                 max_concurrent=settings.max_concurrent_retrievals,
+                max_per_tenant=settings.retrievals_per_tenant,
+                session_timeout_s=settings.retrieval_timeout_s,
+                min_transfer_rate=settings.min_transfer_rate,
                 on_finished=_retrieval_metrics(metrics),
             )
             scheduler = Scheduler(
@@ -157,11 +181,15 @@ def create_app(settings: Settings) -> Litestar:
                     retry_delays_s=settings.retry_delays_s,
                     retry_jitter=settings.retry_jitter,
                     concurrency=settings.smtp_concurrency,
+                    max_sessions_per_tenant=settings.smtp_sessions_tenant_share,
+                    attempt_timeout_s=settings.smtp_attempt_timeout_s,
                 ),
                 metrics=metrics,
             )
             app.state.accounts = accounts
-            app.state.verifier = AccountVerifier(accounts, connector)
+            app.state.verifier = AccountVerifier(
+                accounts, connector, timeout_s=settings.verify_timeout_s
+            )
             app.state.stats = SQLiteStatsRepository(db)
             app.state.retrievals = retrieval
             app.state.messages = MessageService(accounts, messages)
@@ -177,12 +205,21 @@ def create_app(settings: Settings) -> Litestar:
                 on_accepted=delivery.notify,
             )
             app.state.delivery = delivery
-            await retrieval.start()
-            await delivery.start()
+            steps: list[StartupStep] = [
+                *([] if settings.api_keys else [("load the API keys", load_stored_keys)]),
+                ("close interrupted retrievals", retrieval.start),
+                # The delivery dispatcher starts only once its recovery succeeded.
+                ("requeue interrupted deliveries", delivery.start),
+            ]
+            pending = pending + steps if pending else await _run_startup_steps(steps)
+            recovery = asyncio.create_task(_retry_startup_steps(pending), name="startup recovery")
             scheduler.start()
             try:
                 yield
             finally:
+                recovery.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await recovery
                 await scheduler.stop()
                 # In-flight sends get their grace period; unfinished messages are queued
                 # again before the database closes.
@@ -211,6 +248,7 @@ def create_app(settings: Settings) -> Litestar:
     v1 = Router(
         path="/v1",
         guards=[require_api_key],
+        before_request=check_json_request,
         security=[{"BearerAuth": []}],
         route_handlers=[
             AccountController,
@@ -232,6 +270,7 @@ def create_app(settings: Settings) -> Litestar:
         openapi_config=openapi_config(),
         exception_handlers={
             ServiceError: service_error_handler,
+            RepositoryError: repository_error_handler,
             HTTPException: http_exception_handler,
             Exception: internal_error_handler,
         },
@@ -241,7 +280,37 @@ def create_app(settings: Settings) -> Litestar:
         logging_config=None,
     )
     # Outside the router, so 404s and 405s get a request id and are counted too.
-    return wrap_router(app, RequestIdMiddleware, metrics.middleware)
+    return wrap_router(app, RequestIdMiddleware, AccessLogMiddleware, metrics.middleware)
+
+
+async def _run_startup_steps(steps: list[StartupStep]) -> list[StartupStep]:
+    """Run ``steps`` in order until one finds the disk full; return it and those after it.
+
+    Any other failure propagates (the start fails, as it should for a broken setup).
+    """
+    for index, (what, step) in enumerate(steps):
+        try:
+            await step()
+        except StorageFullError as exc:
+            logger.warning("startup: cannot %s, the disk is full (%s); will retry", what, exc)
+            return steps[index:]
+    return []
+
+
+async def _retry_startup_steps(steps: list[StartupStep]) -> None:
+    """Retry the startup steps left over, with backoff, until all have succeeded."""
+    delay = STARTUP_RETRY_S
+    while steps:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, STARTUP_RETRY_MAX_S)
+        try:
+            steps = await _run_startup_steps(steps)
+        except RepositoryError as exc:
+            logger.error("startup: %s failed: %s; will retry", steps[0][0], exc)
+        except Exception:
+            logger.exception("startup: %s failed; will retry", steps[0][0])
+        if not steps:
+            logger.info("startup: recovery finished, the service is fully started")
 
 
 def _from_state(name: str) -> Provide:

@@ -15,6 +15,7 @@ from enum import StrEnum
 class ErrorCode(StrEnum):
     # Requests
     VALIDATION_ERROR = "validation_error"
+    BAD_REQUEST = "bad_request"
     MALFORMED_JSON = "malformed_json"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
     AMBIGUOUS_HEADER = "ambiguous_header"
@@ -51,6 +52,8 @@ class ErrorCode(StrEnum):
     TOO_LONG = "too_long"
     TOO_MANY = "too_many"
     NO_RECIPIENTS = "no_recipients"
+    NO_BODY = "no_body"
+    INVALID_BASE64 = "invalid_base64"
     INVALID_ATTACHMENT = "invalid_attachment"
     INVALID_BODY = "invalid_body"
     INVALID_MESSAGE_ID = "invalid_message_id"
@@ -84,6 +87,7 @@ class ErrorCode(StrEnum):
 
 DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.VALIDATION_ERROR: "422: input rejected; `errors` lists each bad field",
+    ErrorCode.BAD_REQUEST: "400: the request cannot be read as sent (no more precise code)",
     ErrorCode.MALFORMED_JSON: "400: the body cannot be decoded (bad JSON, nested too deep)",
     ErrorCode.UNSUPPORTED_MEDIA_TYPE: "415: the body of a JSON route is not `application/json`",
     ErrorCode.AMBIGUOUS_HEADER: "400: a header that must appear once appears several times",
@@ -118,6 +122,8 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.TOO_LONG: "422: a value over its length limit",
     ErrorCode.TOO_MANY: "422: a list over its count limit",
     ErrorCode.NO_RECIPIENTS: "422: to, cc and bcc are all empty",
+    ErrorCode.NO_BODY: "422: neither `text` nor `html` is given",
+    ErrorCode.INVALID_BASE64: "422: an attachment's `content_base64` is not valid base64",
     ErrorCode.INVALID_ATTACHMENT: "422: a bad attachment filename, type or base64",
     ErrorCode.INVALID_BODY: "422: NUL or unencodable characters in a body",
     ErrorCode.INVALID_MESSAGE_ID: "422: a Message-ID that is not `<left@right>`",

@@ -64,7 +64,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_attachment_bytes: int = 20 * 1024 * 1024  # one decoded attachment
     max_recipients: int = 100  # to + cc + bcc of one outgoing message
 
-    # Concurrency (a tenant's share: None is half the global limit, at least 1)
+    # Concurrency. A tenant's share: None is half the global limit (at least 1) when keys
+    # of several tenants are configured, the whole limit when there is only one tenant.
     max_concurrent_retrievals: int = 8
     max_retrievals_per_tenant: int | None = None
     smtp_concurrency: int = 8  # delivery sessions at once
@@ -87,12 +88,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def retrievals_per_tenant(self) -> int:
         """How many of the retrieval slots one tenant may hold at once."""
-        return _share(self.max_retrievals_per_tenant, self.max_concurrent_retrievals)
+        return self._share(self.max_retrievals_per_tenant, self.max_concurrent_retrievals)
 
     @property
     def smtp_sessions_tenant_share(self) -> int:
         """How many of the delivery sessions one tenant's accounts may hold at once."""
-        return _share(self.smtp_sessions_per_tenant, self.smtp_concurrency)
+        return self._share(self.smtp_sessions_per_tenant, self.smtp_concurrency)
+
+    def _share(self, configured: int | None, total: int) -> int:
+        if configured is None:
+            several = len({key.tenant for key in self.api_keys}) > 1
+            configured = total // 2 if several else total
+        return max(1, min(configured, total))
 
     # Delivery retry schedule: delays between attempts, then give up
     retry_delays_s: tuple[float, ...] = (5, 30, 120, 300, 900, 1800, 3600, 7200, 14400, 28800)
@@ -178,11 +185,6 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if (value := get("EHLO_NAME")) is not None:
             kwargs["ehlo_name"] = parse_ehlo_name(value)
         return cls(**kwargs)  # type: ignore[arg-type]
-
-
-def _share(configured: int | None, total: int) -> int:
-    share = configured if configured is not None else total // 2
-    return max(1, min(share, total))
 
 
 _EHLO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")

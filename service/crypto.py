@@ -9,6 +9,7 @@ decrypts (found by key id), so keys can be rotated by prepending a new one.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import secrets
@@ -78,15 +79,23 @@ def load_or_create_keys(settings: Settings) -> tuple[bytes, ...]:
         return (decode_secret_key(path.read_text(), f"key file {path.name}"),)
     path.parent.mkdir(parents=True, exist_ok=True)
     encoded = base64.urlsafe_b64encode(secrets.token_bytes(SECRET_KEY_BYTES)).decode()
-    # O_EXCL: two processes starting at once must not each write a different key.
+    # Written whole to a temporary file first, then linked into place: a full disk or a
+    # crash leaves no empty or torn key file behind (which would stop every later start),
+    # and link() fails if another process starting at once has put its key there first.
+    partial = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(encoded + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.link(partial, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
     except FileExistsError:
         return (decode_secret_key(path.read_text(), f"key file {path.name}"),)
     except OSError as exc:
         raise ConfigError(f"cannot create the key file beside the database: {exc}") from exc
-    with os.fdopen(fd, "w") as handle:
-        handle.write(encoded + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
     return (decode_secret_key(encoded, "generated key"),)

@@ -8,7 +8,7 @@ Hierarchy::
     ├── NotFound                 no such resource for this caller          (code: not_found)
     ├── Conflict                 state forbids the operation               (code: conflict, ...)
     ├── Invalid                  input rejected; ``errors`` lists fields   (code: validation_error)
-    ├── TooLarge                 input over a configured size limit        (code: too_large, ...)
+    ├── TooLarge                 input over a configured size limit        (message_too_large, ...)
     ├── TooManyRequests          a concurrency or rate limit is reached    (code: too_many_requests)
     ├── UnsupportedMediaType     a JSON route got another content type     (unsupported_media_type)
     ├── Unavailable              a dependency (database) is not ready      (code: unavailable)
@@ -36,7 +36,7 @@ class FieldError:
 class ServiceError(Exception):
     """Base of every error the service reports to callers."""
 
-    code: str = "error"
+    code: str = "internal_error"  # a subclass names its own; an uncoded error is a bug
     title: str = "Error"
 
     def __init__(self, detail: str, *, code: str | None = None) -> None:
@@ -100,7 +100,7 @@ class Invalid(ServiceError):
 
 
 class TooLarge(ServiceError):
-    code = "too_large"
+    code = "request_too_large"
     title = "Payload too large"
 
 
@@ -117,5 +117,5 @@ class Unavailable(ServiceError):
 class Upstream(ServiceError):
     """A mail server (POP3/SMTP) failed; ``code`` is the stable reason."""
 
-    code = "upstream_error"
+    code = "protocol_error"
     title = "Mail server error"

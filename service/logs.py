@@ -31,12 +31,15 @@ FieldValue = str | int | float | bool | None
 def log_event(
     logger: logging.Logger,
     message: str,
-    /,
-    *,
     level: int = logging.INFO,
+    /,
     **fields: FieldValue,
 ) -> None:
-    """Log one business event: ``message`` for people, ``fields`` for machines."""
+    """Log one business event: ``message`` for people, ``fields`` for machines.
+
+    ``level`` is positional-only, so a field of any name (even ``level``) can be passed,
+    also from a ``**dict``.
+    """
     if logger.isEnabledFor(level):
         logger.log(level, message, extra={FIELDS_ATTR: fields})
 

@@ -28,7 +28,7 @@ them exists before the first event.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 
 from litestar.enums import ScopeType
@@ -227,27 +227,38 @@ class MetricsMiddleware:
         self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != ScopeType.HTTP:
-            await self.app(scope, receive, send)
-            return
-        status = NO_RESPONSE_STATUS
-        started = time.perf_counter()
+        await observe_request(self.app, scope, receive, send, self.metrics.observe_request)
 
-        async def send_observing(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
 
-        try:
-            await self.app(scope, receive, send_observing)
-        finally:
-            self.metrics.observe_request(
-                method_label(str(scope.get("method", ""))),
-                route_label(scope),
-                status,
-                time.perf_counter() - started,
-            )
+RequestObserver = Callable[[str, str, int, float], None]  # method, route, status, seconds
+
+
+async def observe_request(
+    app: ASGIApp, scope: Scope, receive: Receive, send: Send, observer: RequestObserver
+) -> None:
+    """Run ``app`` for one request; an HTTP request is then reported to ``observer`` with
+    its method and route labels, status (500 if no response started) and duration."""
+    if scope["type"] != ScopeType.HTTP:
+        await app(scope, receive, send)
+        return
+    status = NO_RESPONSE_STATUS
+    started = time.perf_counter()
+
+    async def send_observing(message: Message) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        await send(message)
+
+    try:
+        await app(scope, receive, send_observing)
+    finally:
+        observer(
+            method_label(str(scope.get("method", ""))),
+            route_label(scope),
+            status,
+            time.perf_counter() - started,
+        )
 
 
 def render(metrics: Metrics, accept: str | None = None) -> tuple[bytes, str]:

@@ -212,7 +212,7 @@ class NetGuardError(Exception):
     so a worker may stop using the account until it changes. ``transient``: worth retrying.
     """
 
-    code: str = "netguard_error"
+    code: str = "connect_failed"
     account_level: bool = True
 
     def __init__(self, host: str, detail: str, *, transient: bool) -> None:

@@ -1,3 +1,9 @@
-"""Root test configuration: real-server fixtures live in tests/servers/ as plugins."""
+"""Root test configuration: real-server fixtures (tests/servers/) and the full disk
+(tests/disk.py) are plugins."""
 
-pytest_plugins = ["tests.servers.dovecot", "tests.servers.smtp"]
+pytest_plugins = [
+    "tests.disk",
+    "tests.servers.dovecot",
+    "tests.servers.smtp",
+    "tests.servers.postfix",
+]

@@ -88,9 +88,13 @@ class AccountController(Controller):
         operation_id="VerifyAccount",
         summary="Test the account's settings: connect, TLS and log in to POP3 and SMTP",
         description="Like a mail client's \"Test Account Settings\": each server's steps in"
-        " order (`connect`, `tls`, `auth`, and for POP3 `mailbox`), the first failure with its"
-        " `code` (`connect_failed`, `tls_required`, `tls_certificate_invalid`, `auth_failed`,"
-        " `host_not_allowed`, ...). Nothing is retrieved, sent or deleted.",
+        " order (`connect`, `tls`, `auth`, then for POP3 `mailbox` and for SMTP `envelope`:"
+        " MAIL FROM and RCPT TO with the account's address, then RSET), the first failure with"
+        " its `code` (`connect_failed`, `tls_required`, `tls_certificate_invalid`, `auth_failed`,"
+        " `rejected`, `host_not_allowed`, ...). A TLS mode that does not fit the port fails with"
+        " `tls_failed` and a hint. Both servers are checked at once, within"
+        " `MAILROOM_VERIFY_TIMEOUT` seconds; a step cut short fails with `timeout`. Nothing is"
+        " retrieved, sent or deleted.",
         status_code=200,
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )

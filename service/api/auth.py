@@ -9,7 +9,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers.base import BaseRouteHandler
 
-from service.errors import Unauthorized
+from service.errors import BadRequest, Unauthorized, Unavailable
 
 BEARER = "bearer "
 
@@ -35,11 +35,21 @@ class KeyRing:
 
 
 def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Guard: resolve the bearer key to a tenant, stored on the connection's state."""
-    header = connection.headers.get("authorization", "")
+    """Guard: resolve the bearer key to a tenant, stored on the connection's state.
+
+    Two Authorization headers are 400 ``ambiguous_header``: a proxy and the service could
+    each read a different one. Before the stored keys are loaded (the store is not readable
+    yet at startup) every request is 503 ``unavailable``, not 401.
+    """
+    presented = connection.headers.getall("authorization", [])
+    if len(presented) > 1:
+        raise BadRequest("the Authorization header is given more than once; send it once")
+    header = presented[0] if presented else ""
     if not header[: len(BEARER)].lower() == BEARER:
         raise Unauthorized("send `Authorization: Bearer <api key>`")
-    ring: KeyRing = connection.app.state.key_ring
+    ring: KeyRing | None = connection.app.state.get("key_ring")
+    if ring is None:
+        raise Unavailable("the service is starting: its store cannot be read yet")
     tenant = ring.tenant_of(header[len(BEARER) :].strip())
     if tenant is None:
         raise Unauthorized("the API key is not valid")

@@ -1,12 +1,21 @@
-"""Open probes: liveness and readiness."""
+"""Open probes: liveness and readiness.
+
+``/health`` answers 200 while the process serves HTTP, whatever the store's state, so an
+orchestrator does not restart a service that only waits for disk space. ``/ready`` answers
+503 with a ``code`` while the service cannot take writes: ``storage_full`` while the disk
+is full (only then does the probe try a real small write, so ordinary probes stay cheap
+reads), ``unavailable`` while the store is not open or not migrated.
+"""
 
 from __future__ import annotations
 
 from litestar import Controller, Response, get
 from litestar.datastructures import State
+from litestar.openapi.datastructures import ResponseSpec
 
 from service import __version__
 from service.api.schemas import Health, Readiness
+from service.codes import ErrorCode
 from service.repository.database import Database
 from service.repository.errors import RepositoryError
 
@@ -21,19 +30,38 @@ class HealthController(Controller):
     @get(
         "/ready",
         operation_id="GetReadiness",
-        summary="Readiness: the database answers and its migrations are applied",
-        responses={},
+        summary="Readiness: the database answers, its migrations are applied, writes fit",
+        description="503 with `code` while not ready: `storage_full` (the disk is full;"
+        " each probe tries a small write and answers 200 once it succeeds) or"
+        " `unavailable` (the store cannot be opened yet).",
+        responses={
+            503: ResponseSpec(
+                data_container=Readiness,
+                description="Not ready; `code` says why",
+                generate_examples=False,
+            )
+        },
     )
     async def ready(self, state: State) -> Response[Readiness]:
         db: Database = state.db
+        if db.storage_full:
+            try:
+                await db.probe_write()
+            except RepositoryError:
+                pass  # still full (or failing): reported below
         try:
             version = await db.schema_version()
         except RepositoryError:
             version = -1
-        ok = version == db.latest_version
+        code: ErrorCode | None = None
+        if db.storage_full:
+            code = ErrorCode.STORAGE_FULL
+        elif version != db.latest_version:
+            code = ErrorCode.UNAVAILABLE
         body = Readiness(
-            status="ready" if ok else "not_ready",
+            status="not_ready" if code else "ready",
             schema_version=version,
             expected_schema_version=db.latest_version,
+            code=code,
         )
-        return Response(body, status_code=200 if ok else 503)
+        return Response(body, status_code=503 if code else 200)

@@ -11,7 +11,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from service.api.dependencies import AccountId, Outbox, OutgoingId, Tenant
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
-from service.api.problems import COMMON_ERRORS, NOT_FOUND, problem_spec
+from service.api.problems import COMMON_ERRORS, NOT_FOUND, UNSUPPORTED_BODY, problem_spec
 from service.api.raw import RFC822, RawMessageOperation, raw_message_response
 from service.api.schemas import ListResponse
 from service.domain.enums import OutgoingStatus
@@ -42,6 +42,7 @@ StatusFilter = Annotated[
 SEND_ERRORS = {
     **COMMON_ERRORS,
     **NOT_FOUND,
+    **UNSUPPORTED_BODY,
     409: problem_spec(
         "The Idempotency-Key was used with a different request (`idempotency_key_reused`)"
     ),

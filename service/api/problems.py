@@ -1,8 +1,10 @@
 """Errors to RFC 9457 ``application/problem+json``: the one place they are mapped.
 
 Every error response of the service is built here, from a ``ServiceError`` (the service's
-own), a Litestar ``HTTPException`` (routing, body decoding, size limits) or anything else
-(a bug: logged with its traceback, answered 500 with no internals).
+own), a ``RepositoryError`` that no service translated (a full disk is 507 ``storage_full``,
+any other store failure 503 ``unavailable``), a Litestar ``HTTPException`` (routing, body
+decoding, size limits) or anything else (a bug: logged with its traceback, answered 500 with
+no internals). Every ``code`` is a member of ``service.codes.ErrorCode``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,26 @@ from litestar.exceptions import (
 from litestar.openapi.datastructures import ResponseSpec
 
 from service import errors
+from service.codes import ErrorCode
+from service.repository.errors import DuplicateError, RepositoryError, StorageFullError
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 logger = logging.getLogger("mailroom.api")
+
+# The code of an HTTP error that carries none of its own, by status.
+CODE_OF_STATUS: dict[int, ErrorCode] = {
+    400: ErrorCode.BAD_REQUEST,
+    401: ErrorCode.UNAUTHORIZED,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    409: ErrorCode.CONFLICT,
+    413: ErrorCode.REQUEST_TOO_LARGE,
+    415: ErrorCode.UNSUPPORTED_MEDIA_TYPE,
+    422: ErrorCode.VALIDATION_ERROR,
+    429: ErrorCode.TOO_MANY_REQUESTS,
+    503: ErrorCode.UNAVAILABLE,
+    507: ErrorCode.STORAGE_FULL,
+}
 
 STATUS_OF: dict[type[errors.ServiceError], int] = {
     errors.BadRequest: 400,
@@ -54,11 +73,27 @@ class Problem(msgspec.Struct, frozen=True, omit_defaults=True):
     type: str
     title: str
     status: int
-    code: str
+    code: ErrorCode
     detail: str = ""
     errors: list[ProblemField] = msgspec.field(default_factory=list)
     resource_id: str | None = None
     request_id: str | None = None
+
+
+def code_for_status(status: int) -> ErrorCode:
+    """The catalogue's code for an error that has only its HTTP status."""
+    if status in CODE_OF_STATUS:
+        return CODE_OF_STATUS[status]
+    return ErrorCode.INTERNAL_ERROR if status >= 500 else ErrorCode.BAD_REQUEST
+
+
+def catalogued(code: str, status: int) -> ErrorCode:
+    """``code`` as a catalogue member; a code missing from it (a bug) falls back by status."""
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        logger.error("error code %r is not in the catalogue (status %d)", code, status)
+        return code_for_status(status)
 
 
 def problem_response(
@@ -72,11 +107,12 @@ def problem_response(
     request_id: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> Response[Problem]:
+    member = catalogued(code, status)
     body = Problem(
-        type=f"https://mailroom.dev/problems/{code}",
+        type=f"https://mailroom.dev/problems/{member}",
         title=title,
         status=status,
-        code=code,
+        code=member,
         detail=detail,
         errors=fields or [],
         resource_id=resource_id,
@@ -115,6 +151,27 @@ def service_error_handler(
     )
 
 
+def repository_error_handler(
+    request: Request[Any, Any, Any], exc: RepositoryError
+) -> Response[Problem]:
+    """A store failure no service translated: never a 500 for an operational fault."""
+    if isinstance(exc, StorageFullError):
+        logger.warning("write refused, the disk is full: %s", exc)
+        return service_error_handler(
+            request, errors.StorageFull("the disk is full: nothing was stored; try again later")
+        )
+    if isinstance(exc, DuplicateError):
+        # A uniqueness race the service did not expect: the other request won.
+        logger.warning("unexpected duplicate: %s", exc)
+        return service_error_handler(
+            request, errors.Conflict("a conflicting change was made at the same time")
+        )
+    logger.error("store failed on %s %s: %s", request.method, request.url.path, exc)
+    return service_error_handler(
+        request, errors.Unavailable("the store is not available; try again later")
+    )
+
+
 # msgspec: "Expected `int`, got `str` - at `$.incoming.port`"
 _AT_PATH = re.compile(r"^(?P<message>.*?)(?: - at `\$(?P<path>[^`]*)`)?\Z", re.S)
 
@@ -147,7 +204,7 @@ def http_exception_handler(
         fields = _field_errors(exc)
         return problem_response(
             422,
-            "validation_error",
+            ErrorCode.VALIDATION_ERROR,
             "Invalid request",
             "; ".join(f"{f.field}: {f.message}" for f in fields) or exc.detail,
             fields=fields,
@@ -157,19 +214,23 @@ def http_exception_handler(
         # The body could not be decoded at all (Litestar wraps it in a 400).
         return problem_response(
             400,
-            "malformed_json",
+            ErrorCode.MALFORMED_JSON,
             "Malformed JSON",
             f"the body is not valid JSON: {exc.detail}",
             request_id=request_id,
         )
     if isinstance(exc, NotFoundException):
         return problem_response(
-            404, "not_found", "Not found", "no such route or resource", request_id=request_id
+            404,
+            ErrorCode.NOT_FOUND,
+            "Not found",
+            "no such route or resource",
+            request_id=request_id,
         )
     if isinstance(exc, MethodNotAllowedException):
         return problem_response(
             405,
-            "method_not_allowed",
+            ErrorCode.METHOD_NOT_ALLOWED,
             "Method not allowed",
             exc.detail,
             request_id=request_id,
@@ -178,7 +239,7 @@ def http_exception_handler(
     if isinstance(exc, NotAuthorizedException):
         return problem_response(
             401,
-            "unauthorized",
+            ErrorCode.UNAUTHORIZED,
             "Unauthorized",
             exc.detail,
             request_id=request_id,
@@ -187,7 +248,7 @@ def http_exception_handler(
     if status == 413:
         return problem_response(
             413,
-            "request_too_large",
+            ErrorCode.REQUEST_TOO_LARGE,
             "Payload too large",
             "the request body is larger than this service accepts",
             request_id=request_id,
@@ -195,11 +256,15 @@ def http_exception_handler(
     if status >= 500:
         logger.error("internal HTTP error %s: %s", status, exc.detail)
         return problem_response(
-            status, "internal_error", "Internal error", "internal error", request_id=request_id
+            status,
+            ErrorCode.INTERNAL_ERROR,
+            "Internal error",
+            "internal error",
+            request_id=request_id,
         )
     return problem_response(
         status,
-        re.sub(r"[^a-z0-9]+", "_", (exc.detail or "error").lower()).strip("_")[:40] or "error",
+        code_for_status(status),
         exc.detail or "Error",
         exc.detail or "",
         request_id=request_id,
@@ -207,10 +272,20 @@ def http_exception_handler(
 
 
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[Problem]:
+    if isinstance(exc, RecursionError):
+        # Only a body nested deeper than the decoder's stack gets here (the explicit bound,
+        # ``service.api.middleware.MAX_JSON_DEPTH``, normally refuses it first).
+        return problem_response(
+            400,
+            ErrorCode.MALFORMED_JSON,
+            "Malformed JSON",
+            "the body is nested too deeply",
+            request_id=_request_id(request),
+        )
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(
         500,
-        "internal_error",
+        ErrorCode.INTERNAL_ERROR,
         "Internal error",
         "an unexpected error occurred; it has been logged",
         request_id=_request_id(request),
@@ -228,11 +303,25 @@ def problem_spec(description: str) -> ResponseSpec:
 
 
 COMMON_ERRORS = {
-    400: problem_spec("Request cannot be read (`malformed_json` and the like)"),
+    400: problem_spec(
+        "Request cannot be read: `malformed_json` (not JSON, or nested too deeply),"
+        " `ambiguous_header` (Authorization, Idempotency-Key or Content-Type given twice)"
+    ),
     401: problem_spec("Missing or wrong API key (`unauthorized`)"),
     422: problem_spec("Invalid input (`validation_error`); `errors` lists each bad field"),
+    503: problem_spec("The store is not available (`unavailable`); try again later"),
+    507: problem_spec(
+        "A write found the disk full (`storage_full`): nothing was stored or changed"
+    ),
 }
 NOT_FOUND = {404: problem_spec("No such resource for this caller (`not_found`)")}
+UNSUPPORTED_BODY = {
+    415: problem_spec(
+        "The body is not `application/json` (or `+json`), or has no Content-Type"
+        " (`unsupported_media_type`)"
+    ),
+}
 BAD_BODY = {
     413: problem_spec("Body larger than the configured limit (`request_too_large`)"),
+    **UNSUPPORTED_BODY,
 }

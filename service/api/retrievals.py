@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from litestar import Controller, Request, Response, delete, get, post
 from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
-from litestar.status_codes import HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from service.api.dependencies import (
     AccountId,
@@ -31,6 +31,7 @@ from service.api.raw import (
 from service.api.schemas import ListResponse, MessageDetail
 from service.domain.retrievals import MessageFilter, MessageSummary, Retrieval
 from service.mail.parse import safe_content_disposition
+from service.services.retrieval import CANCEL_WAIT_S
 
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
@@ -43,13 +44,19 @@ class RetrievalController(Controller):
         operation_id="StartRetrieval",
         summary="Retrieve new mail from the account's POP3 server now",
         description="Answers at once with the queued retrieval; poll it for progress."
-        " 409 `retrieval_running` (with `resource_id`) while one runs for the account.",
+        " 409 `retrieval_running` (with `resource_id`) while one runs for the account."
+        " 429 `too_many_retrievals` when the service's retrieval slots, or the tenant's"
+        " share of them (`MAILROOM_MAX_RETRIEVALS_PER_TENANT`), are all in use; the"
+        " detail says which.",
         status_code=HTTP_202_ACCEPTED,
         responses={
             **COMMON_ERRORS,
             **NOT_FOUND,
             409: problem_spec("A retrieval is already running (`retrieval_running`)"),
-            429: problem_spec("Too many retrievals running (`too_many_retrievals`)"),
+            429: problem_spec(
+                "All retrieval slots, or this tenant's share of them, are in use"
+                " (`too_many_retrievals`)"
+            ),
         },
     )
     async def start_retrieval(
@@ -87,6 +94,32 @@ class RetrievalController(Controller):
         retrievals: Retrievals,
     ) -> Retrieval:
         return await retrievals.get(tenant, account_id, retrieval_id)
+
+    @post(
+        "/{retrieval_id:str}/cancel",
+        operation_id="CancelRetrieval",
+        summary="Cancel a queued or running retrieval",
+        description="The retrieval stops at its next safe point: what it already downloaded"
+        " is stored, and its POP3 session is dropped without QUIT, so nothing is deleted on"
+        " the server in that session. It ends `cancelled` (error code `cancelled`) and frees"
+        " its slot. Answers with the retrieval as it ended, after waiting for it to stop"
+        f" (at most {CANCEL_WAIT_S:g} s; a retrieval already deleting and quitting may still"
+        " end `succeeded`). 409 `retrieval_finished` if it had already ended.",
+        status_code=HTTP_200_OK,
+        responses={
+            **COMMON_ERRORS,
+            **NOT_FOUND,
+            409: problem_spec("The retrieval has already ended (`retrieval_finished`)"),
+        },
+    )
+    async def cancel_retrieval(
+        self,
+        account_id: AccountId,
+        retrieval_id: RetrievalId,
+        tenant: Tenant,
+        retrievals: Retrievals,
+    ) -> Retrieval:
+        return await retrievals.cancel(tenant, account_id, retrieval_id)
 
 
 class MessageController(Controller):

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Generic, Literal, TypeVar
+from typing import Annotated, Generic, Literal, TypeVar
 
 import msgspec
 
+from service.codes import ErrorCode
 from service.domain.accounts import Account
 from service.domain.enums import Security
 from service.domain.retrievals import MessageSummary
@@ -45,6 +46,18 @@ class RetrievalOut(msgspec.Struct, frozen=True):
     poll_interval_minutes: int | None
 
 
+class SMTPPauseOut(msgspec.Struct, frozen=True):
+    """Why delivery for the account is paused: the SMTP server showed the outgoing settings
+    are wrong (``code``: `auth_failed`, `tls_required`, `tls_certificate_invalid`,
+    `insecure_auth_refused`, `auth_not_supported`, `rejected` for a refused EHLO/HELO, ...).
+    Nothing is sent and waiting messages have no `next_attempt_at` until a PATCH of
+    `outgoing` (even `{}`) resumes delivery at once."""
+
+    code: ErrorCode
+    detail: str
+    since: datetime
+
+
 class AccountOut(msgspec.Struct, frozen=True):
     """An account as callers see it: passwords are write-only, shown as ``password_set``."""
 
@@ -55,7 +68,16 @@ class AccountOut(msgspec.Struct, frozen=True):
     incoming: IncomingOut
     outgoing: OutgoingOut
     retrieval: RetrievalOut
-    smtp_status: Literal["ok", "auth_failed"]
+    # "ok", or the code of the pause (``smtp_pause`` has its detail and time).
+    smtp_status: Annotated[
+        str,
+        msgspec.Meta(
+            description="`ok` while delivery runs, else the `code` of `smtp_pause`",
+            examples=["ok", "auth_failed"],
+        ),
+    ]
+    smtp_pause: SMTPPauseOut | None
+    # Kept for existing clients: ``smtp_pause.since`` when the pause is ``auth_failed``.
     smtp_auth_failed_at: datetime | None
     created_at: datetime
     updated_at: datetime
@@ -83,8 +105,19 @@ class AccountOut(msgspec.Struct, frozen=True):
                 r.max_message_bytes,
                 r.poll_interval_minutes,
             ),
-            smtp_status="auth_failed" if a.smtp_auth_failed_at else "ok",
-            smtp_auth_failed_at=a.smtp_auth_failed_at,
+            smtp_status="ok" if a.smtp_pause is None else a.smtp_pause.code,
+            smtp_pause=(
+                None
+                if a.smtp_pause is None
+                else SMTPPauseOut(
+                    ErrorCode(a.smtp_pause.code), a.smtp_pause.detail, a.smtp_pause.since
+                )
+            ),
+            smtp_auth_failed_at=(
+                a.smtp_pause.since
+                if a.smtp_pause is not None and a.smtp_pause.code == ErrorCode.AUTH_FAILED
+                else None
+            ),
             created_at=a.created_at,
             updated_at=a.updated_at,
         )
@@ -95,10 +128,15 @@ class Health(msgspec.Struct, frozen=True):
     version: str
 
 
-class Readiness(msgspec.Struct, frozen=True):
+class Readiness(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``code`` says why it is not ready: ``storage_full`` (the disk is full; writes are
+    tried again on each probe) or ``unavailable`` (the store cannot be opened or is not
+    migrated yet)."""
+
     status: Literal["ready", "not_ready"]
     schema_version: int
     expected_schema_version: int
+    code: ErrorCode | None = None
 
 
 class HeaderOut(msgspec.Struct, frozen=True):

@@ -36,6 +36,18 @@ class RetrievalPolicy(msgspec.Struct, frozen=True, kw_only=True):
     poll_interval_minutes: int | None = None
 
 
+class SMTPPause(msgspec.Struct, frozen=True, kw_only=True):
+    """Why delivery for an account stopped: a failure only new settings can fix.
+
+    Stored with the account, so it holds across restarts; a PATCH of the outgoing settings
+    clears it.
+    """
+
+    code: str  # an ErrorCode: auth_failed, tls_required, tls_certificate_invalid, ...
+    detail: str
+    since: datetime
+
+
 class Account(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     tenant: str
@@ -45,9 +57,9 @@ class Account(msgspec.Struct, frozen=True, kw_only=True):
     incoming: IncomingServer
     outgoing: OutgoingServer
     retrieval: RetrievalPolicy
-    # Set when the SMTP server refused the credentials (535): delivery for this account
-    # pauses until the outgoing settings are updated.
-    smtp_auth_failed_at: datetime | None = None
+    # Set when delivery found the outgoing settings wrong (refused credentials, TLS that
+    # cannot be had as asked, EHLO refused...): nothing is sent until they are updated.
+    smtp_pause: SMTPPause | None = None
     created_at: datetime
     updated_at: datetime
     # The POP3 server's LOGIN-DELAY, learned at the last retrieval: a floor for polling.

@@ -16,20 +16,26 @@ import msgspec
 from msgspec import Meta
 
 from service.domain.enums import OutgoingStatus, RecipientKind, RecipientStatus
+from service.mail import addresses as mail_addresses
+from service.mail import headers as mail_headers
+from service.mail.compose import MAX_CONTENT_TYPE_CHARS as MAIL_CONTENT_TYPE_CHARS
+from service.mail.compose import MAX_FILENAME_CHARS as MAIL_FILENAME_CHARS
 
 # Structural bounds, enforced while decoding the body: they keep a hostile request from
 # making the service allocate or loop much before the real rules run. The configurable
 # limits (settings.max_recipients, max_attachment_bytes, max_send_bytes) are checked
 # afterwards and answer with their own codes.
+# The lengths are the mail rules' own (service.mail), so the OpenAPI document states the
+# limits the server applies: one character over is 422 whichever check sees it first.
 MAX_ADDRESSES_PER_FIELD = 10_000  # the highest MAILROOM_MAX_RECIPIENTS accepted
-MAX_ADDRESS_CHARS = 320  # longer than any valid address (254 octets), so the mail rules speak
-MAX_SUBJECT_CHARS = 2_000  # the mail rules allow 998; beyond this, refuse while decoding
+MAX_ADDRESS_CHARS = mail_addresses.MAX_ADDRESS_OCTETS  # an ASCII address: one octet a char
+MAX_SUBJECT_CHARS = mail_headers.MAX_HEADER_VALUE_CHARS
 MAX_ATTACHMENTS = 100
-MAX_FILENAME_CHARS = 1_000
-MAX_CONTENT_TYPE_CHARS = 300
-MAX_EXTRA_HEADERS = 100  # the mail rules allow 50
-MAX_HEADER_NAME_CHARS = 200
-MAX_HEADER_VALUE_CHARS = 2_000
+MAX_FILENAME_CHARS = MAIL_FILENAME_CHARS
+MAX_CONTENT_TYPE_CHARS = MAIL_CONTENT_TYPE_CHARS
+MAX_EXTRA_HEADERS = mail_headers.MAX_EXTRA_HEADERS
+MAX_HEADER_NAME_CHARS = mail_headers.MAX_HEADER_NAME_CHARS
+MAX_HEADER_VALUE_CHARS = mail_headers.MAX_HEADER_VALUE_CHARS
 MAX_IDEMPOTENCY_KEY_CHARS = 200
 
 AddressText = Annotated[
@@ -95,8 +101,10 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ],
         Meta(
             max_length=MAX_EXTRA_HEADERS,
-            description="Extra headers. Structure, address, trace and MIME headers are"
-            " protected (422 `protected_header`)",
+            description=f"Extra headers: at most {MAX_EXTRA_HEADERS}, names of at most"
+            f" {MAX_HEADER_NAME_CHARS} characters, values of at most {MAX_HEADER_VALUE_CHARS}"
+            " (422 otherwise). Structure, address, trace and MIME headers are protected"
+            " (422 `protected_header`)",
             examples=[{"X-Campaign": "spring"}],
         ),
     ] = msgspec.field(default_factory=dict)
@@ -113,6 +121,9 @@ class AttemptOutcome(StrEnum):
     PARTIAL = "partial"  # accepted for some recipients; others refused or deferred
     DEFERRED = "deferred"  # nothing accepted; will be retried
     FAILED = "failed"  # nothing accepted; permanent
+    # The service stopped (shutdown grace ran out, or a crash found at the next start) with
+    # the message taken for sending: the server may or may not have it; it is queued again.
+    INTERRUPTED = "interrupted"
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -221,6 +232,7 @@ class ClaimedMessage(msgspec.Struct, frozen=True, kw_only=True):
 
     id: str
     account_id: str
+    message_id: str  # the Message-ID header, for logs
     mail_from: str
     smtputf8: bool
     raw: bytes
@@ -270,3 +282,4 @@ class DueAccount(msgspec.Struct, frozen=True):
     account_id: str
     due: int
     updated_at: datetime
+    tenant: str

@@ -54,7 +54,6 @@ from .connection import (
     State,
 )
 from .errors import (
-    AuthFailed,
     CommandRejected,
     InvalidArgument,
     LocalProtocolError,
@@ -64,10 +63,13 @@ from .errors import (
     POP3Error,
     POP3TimeoutError,
     RemoteProtocolError,
+    SessionDeadlineExceeded,
     TLSCertificateInvalid,
     TLSHandshakeError,
     TLSRequired,
+    TransferTooSlow,
     UpdateFailed,
+    login_refusal,
 )
 from .events import (
     NEED_DATA,
@@ -103,6 +105,10 @@ LIST_SIZE_FACTOR = 2
 LIST_SIZE_SLACK = 64 * 1024
 #: RFC 5034: an AUTH command with its initial response must fit in 255 octets.
 MAX_AUTH_LINE = 255
+#: Default window over which ``min_rate`` is measured (seconds spent waiting for a reply).
+DEFAULT_RATE_WINDOW = 60.0
+# Slack for timer wake-ups a hair early: a window this close to full counts as full.
+_CLOCK_SLACK = 1e-3
 
 _USABLE_AFTER = (CommandRejected, InvalidArgument)
 
@@ -125,11 +131,31 @@ class _Stream:
 
 
 class _Channel(asyncio.Protocol):
-    """Feeds received bytes straight into the core and wakes the task waiting for them."""
+    """Feeds received bytes straight into the core and wakes the task waiting for them.
 
-    def __init__(self, core: POP3Connection, timeout: float) -> None:
+    Besides each step's ``timeout`` it enforces the session's ``deadline`` (a loop time)
+    and, when ``min_rate`` is set, the minimum transfer rate: within one reply, every
+    ``rate_window`` seconds spent waiting must bring at least ``min_rate * rate_window``
+    bytes. Time the client spends elsewhere (storing what it read) does not count.
+    """
+
+    def __init__(
+        self,
+        core: POP3Connection,
+        timeout: float,
+        *,
+        session_timeout: float | None = None,
+        min_rate: int = 0,
+        rate_window: float = DEFAULT_RATE_WINDOW,
+    ) -> None:
         self.core = core
         self.timeout = timeout
+        self.session_timeout = session_timeout
+        self.deadline: float | None = None  # loop time, set when the session starts
+        self.min_rate = min_rate
+        self.rate_window = rate_window
+        self._waited = 0.0  # seconds spent waiting in the current rate window
+        self._window_bytes = 0  # bytes received in the current rate window
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self._waiter: asyncio.Future[None] | None = None
@@ -142,6 +168,7 @@ class _Channel(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self._window_bytes += len(data)
         self.core.receive_data(data)
         self._wake()
         if (
@@ -181,37 +208,95 @@ class _Channel(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def start_session(self) -> None:
+        """Start the session's clock (the deadline counts from here)."""
+        if self.session_timeout is not None:
+            self.deadline = asyncio.get_running_loop().time() + self.session_timeout
+
+    def reply_complete(self) -> None:
+        """A whole reply arrived: the rate is measured afresh for the next one."""
+        self._waited = 0.0
+        self._window_bytes = 0
+
+    def step_bound(self, step: float) -> tuple[float, bool]:
+        """How long the next network step may take, and whether the deadline is what
+        bounds it; raises :class:`SessionDeadlineExceeded` once the deadline has passed."""
+        if self.deadline is None:
+            return step, False
+        remaining = self.deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise self.deadline_error()
+        return (remaining, True) if remaining < step else (step, False)
+
+    def deadline_error(self) -> SessionDeadlineExceeded:
+        return SessionDeadlineExceeded(
+            f"the POP3 session ran past its limit of {self.session_timeout:g} s"
+        )
+
     async def wait_for_data(self) -> None:
-        """Wait until more bytes (or the end of the stream) arrive, at most ``timeout``."""
+        """Wait until more bytes (or the end of the stream) arrive, at most ``timeout``,
+        within the session's deadline and its minimum transfer rate."""
         timeout = self.timeout
         if self.lost:
             raise POP3ConnectionLost("the connection is closed")
         if self._reading_paused and self.transport is not None:
             self._reading_paused = False
             self.transport.resume_reading()
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiter = waiter
-        try:
-            async with asyncio.timeout(timeout):
-                await waiter
-        except TimeoutError:
-            raise POP3TimeoutError(f"no reply from the server within {timeout:g} s") from None
-        finally:
-            self._waiter = None
+        loop = asyncio.get_running_loop()
+        while True:
+            bound, by_deadline = self.step_bound(timeout)
+            by_rate = False
+            if self.min_rate and self.rate_window - self._waited < bound:
+                bound, by_deadline, by_rate = self.rate_window - self._waited, False, True
+            waiter = loop.create_future()
+            self._waiter = waiter
+            started = loop.time()
+            try:
+                async with asyncio.timeout(max(bound, 0.0)):
+                    await waiter
+                arrived = True
+            except TimeoutError:
+                if by_deadline:
+                    raise self.deadline_error() from None
+                if not by_rate:
+                    raise POP3TimeoutError(
+                        f"no reply from the POP3 server within {timeout:g} s"
+                    ) from None
+                arrived = False
+            finally:
+                self._waiter = None
+                self._waited += loop.time() - started
+            self._check_rate()
+            if arrived:
+                return
+
+    def _check_rate(self) -> None:
+        if not self.min_rate or self._waited < self.rate_window - _CLOCK_SLACK:
+            return
+        needed = self.min_rate * self.rate_window
+        if self._window_bytes < needed:
+            raise TransferTooSlow(
+                f"the POP3 server sent {self._window_bytes} bytes in {self._waited:.3g} s,"
+                f" below the minimum rate of {self.min_rate} bytes/s"
+            )
+        self._waited, self._window_bytes = 0.0, 0
 
     async def drain(self) -> None:
         """Wait until the transport accepts more writes, at most ``timeout``."""
         timeout = self.timeout
         if not self._writing_paused or self.lost:
             return
+        bound, by_deadline = self.step_bound(timeout)
         waiter = asyncio.get_running_loop().create_future()
         self._drain_waiter = waiter
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(bound):
                 await waiter
         except TimeoutError:
+            if by_deadline:
+                raise self.deadline_error() from None
             raise POP3TimeoutError(
-                f"the server did not read our commands within {timeout:g} s"
+                f"the POP3 server did not read our commands within {timeout:g} s"
             ) from None
         finally:
             self._drain_waiter = None
@@ -230,8 +315,12 @@ class POP3Client:
 
     ``timeout`` bounds each network step (connect, TLS handshake, each wait for data),
     not a whole transfer, so a big message on a slow link is fine and a silent server is
-    not. ``max_line`` bounds status lines, ``max_response`` CAPA/LIST/UIDL replies and
-    ``max_message_bytes`` any single message.
+    not. ``session_timeout`` (seconds from :meth:`connect`) bounds the whole session,
+    streaming included (:class:`SessionDeadlineExceeded`); ``min_rate`` (bytes per second,
+    0 for none) abandons a server that, within one reply, sends less than that over
+    ``rate_window`` seconds of waiting (:class:`TransferTooSlow`). ``max_line`` bounds
+    status lines, ``max_response`` CAPA/LIST/UIDL replies and ``max_message_bytes`` any
+    single message.
     """
 
     def __init__(
@@ -244,6 +333,9 @@ class POP3Client:
         ssl_context: ssl.SSLContext | None = None,
         connect_address: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        session_timeout: float | None = None,
+        min_rate: int = 0,
+        rate_window: float = DEFAULT_RATE_WINDOW,
         max_line: int = DEFAULT_MAX_LINE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_response: int = DEFAULT_MAX_RESPONSE,
@@ -271,6 +363,12 @@ class POP3Client:
                 raise InvalidArgument(f"{name} must be a positive integer")
         if not timeout > 0:
             raise InvalidArgument("timeout must be positive")
+        if session_timeout is not None and not session_timeout > 0:
+            raise InvalidArgument("session_timeout must be positive")
+        if type(min_rate) is not int or min_rate < 0:
+            raise InvalidArgument("min_rate must be a non-negative integer")
+        if not rate_window > 0:
+            raise InvalidArgument("rate_window must be positive")
         self.host = host
         self.port = port
         self.security = security
@@ -278,6 +376,9 @@ class POP3Client:
         self._ssl_context = ssl_context
         self._connect_address = connect_address
         self._timeout = float(timeout)
+        self._session_timeout = None if session_timeout is None else float(session_timeout)
+        self._min_rate = min_rate
+        self._rate_window = float(rate_window)
         self._max_line = max_line
         self._max_message_bytes = max_message_bytes
         self._max_response = max_response
@@ -294,6 +395,11 @@ class POP3Client:
 
     def __repr__(self) -> str:
         return f"POP3Client({self.host}:{self.port}, {self.security.value})"
+
+    @property
+    def _server(self) -> str:
+        """How texts shown to callers name the server: by role and address, not class."""
+        return f"the POP3 server at {self.host}:{self.port}"
 
     # Properties ---------------------------------------------------------------------
 
@@ -372,12 +478,19 @@ class POP3Client:
             max_message_bytes=self._max_message_bytes,
         )
         self._core = core
-        self._channel = _Channel(core, self._timeout)
+        self._channel = _Channel(
+            core,
+            self._timeout,
+            session_timeout=self._session_timeout,
+            min_rate=self._min_rate,
+            rate_window=self._rate_window,
+        )
+        self._channel.start_session()
         try:
             await self._open()
             event = await self._next_event()
             if isinstance(event, Err):
-                raise POP3ConnectError(f"{self} refused the session: {event.text}")
+                raise POP3ConnectError(f"{self._server} refused the session: {event.text}")
             assert isinstance(event, Greeting)
             self._greeting = event.text
             if self.security is Security.STARTTLS:
@@ -396,7 +509,9 @@ class POP3Client:
         By default AUTH PLAIN is used when the server offers it, else USER/PASS, else
         AUTH LOGIN. APOP is never used. Nothing is sent unless the connection is
         encrypted or ``Security.NONE`` was chosen. Raises :class:`AuthFailed` on
-        ``-ERR`` (see its ``temporary`` for ``[IN-USE]`` and ``[LOGIN-DELAY]``).
+        ``-ERR``: :class:`MailboxLocked` for ``[IN-USE]``, :class:`PlaintextLoginRefused`
+        when an unencrypted login is refused for want of TLS (see ``temporary`` for
+        ``[LOGIN-DELAY]`` and ``[SYS/TEMP]``).
         """
         check_text(username, "user name", max_length=MAX_CREDENTIAL_LENGTH, spaces=True)
         check_text(password, "password", max_length=MAX_CREDENTIAL_LENGTH, spaces=True)
@@ -416,8 +531,8 @@ class POP3Client:
                 await self._authenticate(Command.auth("LOGIN"), answers)
             else:
                 user = Command.user(username)  # refuses a space before anything is sent
-                self._expect_ok(await self._single(user), AuthFailed)
-                self._expect_ok(await self._single(Command.pass_(password)), AuthFailed)
+                self._expect_login_ok(await self._single(user))
+                self._expect_login_ok(await self._single(Command.pass_(password)))
             self._sizes = None
             if self._capabilities is not None and self._capabilities.per_user:
                 # RFC 2449: "LOGIN-DELAY n USER" before login means the real value is
@@ -599,7 +714,7 @@ class POP3Client:
                 number, first = refused[0]
                 listed = ", ".join(str(n) for n, _ in refused[:20])
                 raise CommandRejected(
-                    f"{self} refused DELE for message(s) {listed}: {first.text}",
+                    f"the POP3 server refused DELE for message(s) {listed}: {first.text}",
                     command="DELE",
                     text=first.text,
                     response_code=first.response_code,
@@ -630,7 +745,7 @@ class POP3Client:
                 self.close()
             if isinstance(event, Err):
                 raise UpdateFailed(
-                    f"{self} answered -ERR to QUIT: {event.text}",
+                    f"the POP3 server answered -ERR to QUIT: {event.text}",
                     command="QUIT",
                     text=event.text,
                     response_code=event.response_code,
@@ -657,8 +772,9 @@ class POP3Client:
         loop = asyncio.get_running_loop()
         tls = self.security is Security.TLS
         address = self._connect_address or self.host
+        bound, by_deadline = channel.step_bound(self._timeout)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(bound):
                 await loop.create_connection(
                     lambda: channel,
                     address,
@@ -668,8 +784,11 @@ class POP3Client:
                     ssl_handshake_timeout=self._timeout if tls else None,
                 )
         except TimeoutError:
+            if by_deadline:
+                raise channel.deadline_error() from None
+            step = "connecting to" if not tls else "connecting (with TLS) to"
             raise POP3TimeoutError(
-                f"connecting to {self} took longer than {self._timeout:g} s"
+                f"{step} {self._server} took longer than {self._timeout:g} s"
             ) from None
         except OSError as exc:
             raise _connect_error(self, exc) from exc
@@ -680,15 +799,16 @@ class POP3Client:
         # A server without CAPA may still know STLS; one that lists capabilities without
         # STLS does not offer it. Either way nothing but STLS is tried in clear.
         if capabilities.supported and not capabilities.stls:
-            raise TLSRequired(f"{self} does not offer STLS")
+            raise TLSRequired(f"{self._server} does not offer STLS; no password was sent")
         event = await self._single(Command.stls())
         if isinstance(event, Err):
-            raise TLSRequired(f"{self} refused STLS: {event.text}")
+            raise TLSRequired(f"the POP3 server refused STLS: {event.text}")
         channel, core = self._channel, self._core
         assert channel is not None and channel.transport is not None and core is not None
         loop = asyncio.get_running_loop()
+        bound, by_deadline = channel.step_bound(self._timeout)
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(bound):
                 transport = await loop.start_tls(
                     channel.transport,
                     channel,
@@ -697,13 +817,16 @@ class POP3Client:
                     ssl_handshake_timeout=self._timeout,
                 )
         except TimeoutError:
+            if by_deadline:
+                raise channel.deadline_error() from None
             raise POP3TimeoutError(
-                f"the TLS handshake with {self} took longer than {self._timeout:g} s"
+                f"the TLS handshake after STLS with {self._server} took longer than"
+                f" {self._timeout:g} s"
             ) from None
         except OSError as exc:
             raise _connect_error(self, exc) from exc
         if transport is None:
-            raise POP3ConnectionLost(f"{self} closed the connection during STLS")
+            raise POP3ConnectionLost(f"{self._server} closed the connection during STLS")
         channel.transport = transport
         core.tls_established()
         self._tls = True
@@ -734,7 +857,7 @@ class POP3Client:
             elif isinstance(event, Ok):
                 return
             elif isinstance(event, Err):
-                raise self._rejection(event, AuthFailed)
+                self._expect_login_ok(event)
             else:
                 raise self._unexpected(event)
 
@@ -757,10 +880,11 @@ class POP3Client:
             raise LocalProtocolError("connect() first (or use 'async with')")
         if self._broken is not None:
             raise LocalProtocolError(
-                f"the connection to {self} is unusable: {self._broken!r}"
+                f"the connection to {self._server} is unusable after an earlier error:"
+                f" {self._broken}"
             ) from self._broken
         if self._core.state in (State.UPDATE, State.CLOSED):
-            raise LocalProtocolError(f"the session with {self} has ended")
+            raise LocalProtocolError(f"the session with {self._server} has ended")
 
     def _step_failed(self, exc: BaseException, number: int | None) -> None:
         """Keep the connection only after errors that leave both sides in step."""
@@ -837,7 +961,7 @@ class POP3Client:
         assert channel is not None
         transport = channel.transport
         if transport is None or transport.is_closing() or channel.lost:
-            raise POP3ConnectionLost(f"the connection to {self} is closed")
+            raise POP3ConnectionLost(f"the connection to {self._server} is closed")
         transport.write(data)
 
     async def _drain_writes(self) -> None:
@@ -851,6 +975,8 @@ class POP3Client:
         while True:
             event = core.next_event()
             if event is not NEED_DATA:
+                if not isinstance(event, ResponseStart | ResponseData):
+                    channel.reply_complete()
                 return event
             await channel.wait_for_data()
 
@@ -876,10 +1002,12 @@ class POP3Client:
             if isinstance(event, ResponseData):
                 chunks.append(event.data)
             elif isinstance(event, ResponseEnd):
+                channel.reply_complete()
                 return b"".join(chunks)
             elif event is NEED_DATA:
                 await channel.wait_for_data()
             elif isinstance(event, Err):
+                channel.reply_complete()
                 raise self._rejection(event)
             elif not isinstance(event, ResponseStart):
                 raise self._unexpected(event)
@@ -915,19 +1043,40 @@ class POP3Client:
             raise self._rejection(event, rejected)
         return event
 
+    def _expect_login_ok(self, event: Ok | Err) -> Ok:
+        """``-ERR`` to USER, PASS or AUTH, classified by the server's code and text."""
+        if isinstance(event, Err):
+            kind = login_refusal(event.response_code, event.text, encrypted=self._tls)
+            raise self._rejection(event, kind)
+        return event
+
     def _rejection(
         self, event: Err, kind: type[CommandRejected] = CommandRejected
     ) -> CommandRejected:
         verb = "greeting" if event.command is None else event.command.verb.value
         return kind(
-            f"{self} answered -ERR to {verb}: {event.text}",
+            f"the POP3 server answered -ERR to {verb}: {event.text}",
             command=verb,
             text=event.text,
             response_code=event.response_code,
         )
 
     def _unexpected(self, event: Event) -> POP3Error:
-        return RemoteProtocolError(f"unexpected {type(event).__name__} from {self}")
+        return RemoteProtocolError(
+            f"the POP3 server sent {_EVENT_NAMES.get(type(event), 'a reply')} where none was due"
+        )
+
+
+# Events as a person reading a protocol trace would call them.
+_EVENT_NAMES: dict[type[Event], str] = {
+    Greeting: "a greeting",
+    Ok: "+OK",
+    Err: "-ERR",
+    Continuation: "a SASL challenge",
+    ResponseStart: "a multi-line reply",
+    ResponseData: "multi-line data",
+    ResponseEnd: "the end of a multi-line reply",
+}
 
 
 def _b64(raw: bytes) -> str:
@@ -941,12 +1090,19 @@ def _message_number(value: object) -> int:
 
 
 def _connect_error(client: POP3Client, exc: OSError) -> POP3Error:
+    server = f"the POP3 server at {client.host}:{client.port}"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return TLSCertificateInvalid(
             f"the certificate of {client.host} did not verify: {exc.verify_message}"
         )
     if isinstance(exc, ssl.SSLError):
-        return TLSHandshakeError(f"TLS with {client} failed: {exc.reason or exc}")
+        hint = ""
+        if client.security is Security.TLS:
+            # The usual cause: implicit TLS against a port that speaks plain POP3 first.
+            hint = "; if this port speaks plain POP3 (like 110), set security to starttls"
+        return TLSHandshakeError(
+            f"the TLS handshake with {server} failed ({exc.reason or exc}){hint}"
+        )
     if isinstance(exc, ConnectionResetError | ConnectionAbortedError | BrokenPipeError):
-        return POP3ConnectionLost(f"{client} dropped the connection: {exc}")
-    return POP3ConnectError(f"cannot connect to {client}: {exc.strerror or exc}")
+        return POP3ConnectionLost(f"{server} dropped the connection: {exc.strerror or exc}")
+    return POP3ConnectError(f"cannot connect to {server}: {exc.strerror or exc}")

@@ -2,10 +2,14 @@
 
 Hierarchy (``code`` in brackets)::
 
-    POP3Error                               base of everything raised here    [pop3_error]
+    POP3Error                               base of everything raised here    [protocol_error]
     ├── POP3ConnectError (ConnectionError)  TCP connect failed, -ERR greeting [connect_failed]
-    │   └── TLSHandshakeError               TLS failed for a non-certificate reason
+    │   └── TLSHandshakeError               TLS failed for a non-certificate reason, often a
+    │                                       TLS mode that does not fit the port   [tls_failed]
     ├── POP3TimeoutError (TimeoutError)     a network step outlived ``timeout``       [timeout]
+    │   ├── SessionDeadlineExceeded         the whole session outlived its deadline [timeout]
+    │   └── TransferTooSlow                 the server sent less than the minimum rate
+    │                                                                               [timeout]
     ├── POP3ConnectionLost (ConnectionError) the server closed or reset mid-exchange
     │                                                                         [connection_lost]
     ├── TLSRequired                         TLS was asked for but STLS is not offered or
@@ -26,6 +30,10 @@ Hierarchy (``code`` in brackets)::
     │                                                                  [message_too_large]
     └── CommandRejected                     the server answered ``-ERR``   [command_rejected]
         ├── AuthFailed                      ``-ERR`` to USER, PASS or AUTH     [auth_failed]
+        │   ├── PlaintextLoginRefused       the login was refused because the connection is
+        │   │                               not encrypted                    [tls_required]
+        │   └── MailboxLocked               ``-ERR [IN-USE]``: another session holds the
+        │                                   mailbox (temporary)            [mailbox_locked]
         └── UpdateFailed                    ``-ERR`` to QUIT: deletions may not have been
                                             applied                         [update_failed]
 
@@ -38,11 +46,15 @@ connection is unusable: it has been closed without QUIT, so nothing was deleted.
 
 from __future__ import annotations
 
+import re
+
+from service.codes import ErrorCode
+
 
 class POP3Error(Exception):
     """Base of every POP3 error; ``code`` is stable, ``detail`` is for humans."""
 
-    code: str = "pop3_error"
+    code: str = "protocol_error"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -52,23 +64,38 @@ class POP3Error(Exception):
 class POP3ConnectError(POP3Error, ConnectionError):
     """The connection could not be set up (refused, unreachable, ``-ERR`` greeting)."""
 
-    code = "connect_failed"
+    code = ErrorCode.CONNECT_FAILED
 
 
 class TLSHandshakeError(POP3ConnectError):
-    """The TLS handshake failed for a reason other than the certificate."""
+    """The TLS handshake failed for a reason other than the certificate.
+
+    Most often the TLS mode does not fit the port (implicit TLS against a plain POP3 port):
+    the same code as SMTP's.
+    """
+
+    code = ErrorCode.TLS_FAILED
 
 
 class POP3TimeoutError(POP3Error, TimeoutError):
     """Connecting, the TLS handshake, a write or a wait for data took longer than allowed."""
 
-    code = "timeout"
+    code = ErrorCode.TIMEOUT
+
+
+class SessionDeadlineExceeded(POP3TimeoutError):
+    """The whole session (every step together) outlived the client's ``session_timeout``."""
+
+
+class TransferTooSlow(POP3TimeoutError):
+    """While a reply was due, the server sent less than ``min_rate`` bytes per second
+    over a whole ``rate_window``."""
 
 
 class POP3ConnectionLost(POP3Error, ConnectionError):
     """The server closed or reset the connection while a reply was still due."""
 
-    code = "connection_lost"
+    code = ErrorCode.CONNECTION_LOST
 
 
 class TLSRequired(POP3Error):
@@ -77,37 +104,37 @@ class TLSRequired(POP3Error):
     Raised before any credential is written.
     """
 
-    code = "tls_required"
+    code = ErrorCode.TLS_REQUIRED
 
 
 class TLSCertificateInvalid(POP3Error):
     """The server's certificate did not verify (untrusted, expired, wrong host)."""
 
-    code = "tls_certificate_invalid"
+    code = ErrorCode.TLS_CERTIFICATE_INVALID
 
 
 class InvalidArgument(POP3Error, ValueError):
     """A command argument was refused before anything was written to the server."""
 
-    code = "invalid_argument"
+    code = ErrorCode.INVALID_ARGUMENT
 
 
 class LocalProtocolError(POP3Error):
     """The caller asked for something the protocol or the connection's state forbids."""
 
-    code = "protocol_error"
+    code = ErrorCode.PROTOCOL_ERROR
 
 
 class RemoteProtocolError(POP3Error):
     """The server sent something a conforming POP3 server never sends."""
 
-    code = "protocol_error"
+    code = ErrorCode.PROTOCOL_ERROR
 
 
 class LineTooLong(RemoteProtocolError):
     """A status line grew past the configured ``max_line`` without ending."""
 
-    code = "line_too_long"
+    code = ErrorCode.LINE_TOO_LONG
 
     def __init__(self, detail: str, *, limit: int) -> None:
         super().__init__(detail)
@@ -117,7 +144,7 @@ class LineTooLong(RemoteProtocolError):
 class ResponseTooLarge(RemoteProtocolError):
     """A multi-line listing (CAPA, LIST, UIDL) grew past ``max_response`` bytes."""
 
-    code = "response_too_large"
+    code = ErrorCode.RESPONSE_TOO_LARGE
 
     def __init__(self, detail: str, *, limit: int) -> None:
         super().__init__(detail)
@@ -135,7 +162,7 @@ class MessageTooLarge(POP3Error):
     the connection has been closed without QUIT, so nothing was deleted in this session.
     """
 
-    code = "message_too_large"
+    code = ErrorCode.MESSAGE_TOO_LARGE
 
     def __init__(
         self,
@@ -161,7 +188,7 @@ class CommandRejected(POP3Error):
     (``"IN-USE"``, ``"LOGIN-DELAY"``, ``"SYS/TEMP"``, ``"SYS/PERM"``, ``"AUTH"``).
     """
 
-    code = "command_rejected"
+    code = ErrorCode.COMMAND_REJECTED
 
     #: Response codes that mean "try again later" rather than "this will never work".
     TEMPORARY_CODES = frozenset({"IN-USE", "LOGIN-DELAY", "SYS/TEMP"})
@@ -183,10 +210,59 @@ class CommandRejected(POP3Error):
 class AuthFailed(CommandRejected):
     """The server refused the credentials (or the mailbox is locked: see ``temporary``)."""
 
-    code = "auth_failed"
+    code = ErrorCode.AUTH_FAILED
+
+
+class PlaintextLoginRefused(AuthFailed):
+    """The server refuses logins on an unencrypted connection (Dovecot:
+    ``-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.``).
+
+    The account needs ``security`` set to ``starttls`` or ``tls``; the server's text says so.
+    """
+
+    code = ErrorCode.TLS_REQUIRED
+
+
+class MailboxLocked(AuthFailed):
+    """``-ERR [IN-USE]``: another session holds the mailbox. Temporary: try again later."""
+
+    code = ErrorCode.MAILBOX_LOCKED
+
+    @property
+    def temporary(self) -> bool:
+        return True
 
 
 class UpdateFailed(CommandRejected):
     """``-ERR`` to QUIT: the server could not apply this session's deletions."""
 
-    code = "update_failed"
+    code = ErrorCode.UPDATE_FAILED
+
+
+# Texts of login refusals that mean "not without TLS": Dovecot's "Plaintext authentication
+# disallowed on non-secure (SSL/TLS) connections", other servers' "TLS required",
+# "use STLS first", "cleartext logins disabled"...
+_NEEDS_TLS = re.compile(
+    r"(plain ?text|clear ?text).{0,40}(disallowed|not allowed|denied|refused|disabled|forbidden)"
+    r"|(ssl|tls|stls|starttls|encryption|encrypted|secure).{0,20}(required|needed|first|only)"
+    r"|(requires?|must use|use|needs?) (ssl|tls|stls|starttls|encryption|a secure)",
+    re.IGNORECASE,
+)
+_LOCKED = re.compile(
+    r"(mailbox|maildrop|mail drop).{0,30}(lock|in use|busy)|\block(ed)?\b.{0,30}(mailbox|maildrop)"
+    r"|\bin use\b",
+    re.IGNORECASE,
+)
+
+
+def login_refusal(response_code: str | None, text: str, *, encrypted: bool) -> type[AuthFailed]:
+    """The error class for ``-ERR`` to USER, PASS or AUTH, from the server's code and text.
+
+    ``[IN-USE]`` (or a text saying the mailbox is locked) is :class:`MailboxLocked`; on an
+    unencrypted connection, a refusal saying TLS is needed is :class:`PlaintextLoginRefused`.
+    """
+    if response_code == "IN-USE" or (response_code is None and _LOCKED.search(text)):
+        return MailboxLocked
+    if not encrypted and response_code in (None, "AUTH", "SYS/PERM") and _NEEDS_TLS.search(text):
+        return PlaintextLoginRefused
+    return AuthFailed

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Collection
 from datetime import datetime
 from typing import Protocol
 
-from service.domain.accounts import Account, IncomingServer, OutgoingServer, RetrievalPolicy
-from service.domain.enums import Security
-from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
+from service.domain.accounts import (
+    Account,
+    IncomingServer,
+    OutgoingServer,
+    RetrievalPolicy,
+    SMTPPause,
+)
+from service.domain.enums import OutgoingStatus, Security
+from service.domain.time import from_text, to_text
 from service.repository.database import Database
 from service.repository.pages import Page, page_of
 
@@ -16,8 +23,12 @@ _COLUMNS = (
     "id, tenant, name, email, display_name, in_host, in_port, in_security, in_username,"
     " in_password, out_host, out_port, out_security, out_username, out_password,"
     " out_allow_insecure_auth, leave_on_server, delete_after_days, max_message_bytes,"
-    " poll_interval_minutes, smtp_auth_failed_at, created_at, updated_at, login_delay_s"
+    " poll_interval_minutes, smtp_pause_code, smtp_pause_detail, smtp_paused_at, created_at,"
+    " updated_at, login_delay_s"
 )
+_COLUMN_COUNT = _COLUMNS.count(",") + 1
+_PAUSE_COLUMNS = ("smtp_pause_code", "smtp_pause_detail", "smtp_paused_at")
+_WAITING = (OutgoingStatus.QUEUED.value, OutgoingStatus.DEFERRED.value)
 
 
 class AccountRepository(Protocol):
@@ -26,9 +37,14 @@ class AccountRepository(Protocol):
     async def get_any(self, account_id: str) -> Account | None: ...
     async def page(self, tenant: str, *, after: str | None, limit: int) -> Page[Account]: ...
     async def list_polled(self) -> list[Account]: ...
-    async def replace(self, account: Account) -> None: ...
+    async def replace(
+        self, account: Account, *, outgoing_changed: bool = False, at: datetime | None = None
+    ) -> None: ...
     async def delete(self, tenant: str, account_id: str) -> bool: ...
-    async def set_smtp_auth_failed(self, account_id: str, at: datetime | None) -> None: ...
+    async def pause_smtp(
+        self, account_id: str, pause: SMTPPause, *, settings_of: datetime
+    ) -> bool: ...
+    async def clear_smtp_pauses(self, codes: Collection[str]) -> int: ...
     async def set_login_delay(self, account_id: str, seconds: int | None) -> None: ...
 
 
@@ -41,7 +57,7 @@ class SQLiteAccountRepository:
     async def add(self, account: Account) -> None:
         async with self._db.transaction() as conn:
             await conn.execute(
-                f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * 24)})",
+                f"INSERT INTO accounts ({_COLUMNS}) VALUES ({', '.join('?' * _COLUMN_COUNT)})",
                 _params(account),
             )
 
@@ -71,15 +87,32 @@ class SQLiteAccountRepository:
         )
         return [_account(row) for row in rows]
 
-    async def replace(self, account: Account) -> None:
-        params = _params(account)
+    async def replace(
+        self, account: Account, *, outgoing_changed: bool = False, at: datetime | None = None
+    ) -> None:
+        """Store ``account``. ``outgoing_changed``: new SMTP settings deserve a try at once,
+        so the account's waiting messages (in backoff, or held by a pause) fall due ``at``,
+        in the same transaction."""
+        # The pause is delivery's to set and only new outgoing settings clear it: a PATCH of
+        # anything else, read before a pause was stored, must not undo it.
+        names = [name.strip() for name in _COLUMNS.split(",")]
+        values = dict(zip(names, _params(account), strict=True))
+        kept = [n for n in names[2:] if n not in _PAUSE_COLUMNS]
+        assignments = [f"{n} = ?" for n in kept]
+        if outgoing_changed:
+            assignments += [f"{n} = NULL" for n in _PAUSE_COLUMNS]
         async with self._db.transaction() as conn:
             await conn.execute(
-                "UPDATE accounts SET "
-                + ", ".join(f"{name.strip()} = ?" for name in _COLUMNS.split(",")[2:])
-                + " WHERE id = ? AND tenant = ?",
-                (*params[2:], account.id, account.tenant),
+                f"UPDATE accounts SET {', '.join(assignments)} WHERE id = ? AND tenant = ?",
+                (*(values[n] for n in kept), account.id, account.tenant),
             )
+            if outgoing_changed:
+                now = to_text(at or account.updated_at)
+                await conn.execute(
+                    "UPDATE outbox SET next_attempt_at = ?"
+                    " WHERE account_id = ? AND status IN (?, ?) AND next_attempt_at > ?",
+                    (now, account.id, *_WAITING, now),
+                )
 
     async def delete(self, tenant: str, account_id: str) -> bool:
         async with self._db.transaction() as conn:
@@ -88,12 +121,33 @@ class SQLiteAccountRepository:
             )
             return cursor.rowcount > 0
 
-    async def set_smtp_auth_failed(self, account_id: str, at: datetime | None) -> None:
+    async def pause_smtp(self, account_id: str, pause: SMTPPause, *, settings_of: datetime) -> bool:
+        """Stop delivery for the account until its outgoing settings change.
+
+        Only if the account still has the settings the failure was found with
+        (``settings_of``, its ``updated_at`` then): a PATCH that came meanwhile wins.
+        Returns whether the pause was stored.
+        """
         async with self._db.transaction() as conn:
-            await conn.execute(
-                "UPDATE accounts SET smtp_auth_failed_at = ? WHERE id = ?",
-                (opt_to_text(at), account_id),
+            cursor = await conn.execute(
+                "UPDATE accounts SET smtp_pause_code = ?, smtp_pause_detail = ?,"
+                " smtp_paused_at = ? WHERE id = ? AND updated_at = ?",
+                (pause.code, pause.detail, to_text(pause.since), account_id, to_text(settings_of)),
             )
+            return cursor.rowcount > 0
+
+    async def clear_smtp_pauses(self, codes: Collection[str]) -> int:
+        """End the pauses with these codes (causes that a restart may have fixed)."""
+        if not codes:
+            return 0
+        marks = ", ".join("?" * len(codes))
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE accounts SET smtp_pause_code = NULL, smtp_pause_detail = NULL,"
+                f" smtp_paused_at = NULL WHERE smtp_pause_code IN ({marks})",
+                tuple(codes),
+            )
+            return cursor.rowcount
 
     async def set_login_delay(self, account_id: str, seconds: int | None) -> None:
         """The server's LOGIN-DELAY (RFC 2449): the least time between two logins."""
@@ -104,7 +158,7 @@ class SQLiteAccountRepository:
 
 
 def _params(a: Account) -> tuple[object, ...]:
-    i, o, r = a.incoming, a.outgoing, a.retrieval
+    i, o, r, p = a.incoming, a.outgoing, a.retrieval, a.smtp_pause
     return (
         a.id, a.tenant, a.name, a.email, a.display_name,
         i.host, i.port, i.security.value, i.username, i.password_encrypted,
@@ -112,8 +166,8 @@ def _params(a: Account) -> tuple[object, ...]:
         int(o.allow_insecure_auth),
         int(r.leave_on_server), r.delete_after_days, r.max_message_bytes,
         r.poll_interval_minutes,
-        opt_to_text(a.smtp_auth_failed_at), to_text(a.created_at), to_text(a.updated_at),
-        a.login_delay_s,
+        p.code if p else None, p.detail if p else None, to_text(p.since) if p else None,
+        to_text(a.created_at), to_text(a.updated_at), a.login_delay_s,
     )  # fmt: skip
 
 
@@ -145,7 +199,15 @@ def _account(row: sqlite3.Row) -> Account:
             max_message_bytes=row["max_message_bytes"],
             poll_interval_minutes=row["poll_interval_minutes"],
         ),
-        smtp_auth_failed_at=opt_from_text(row["smtp_auth_failed_at"]),
+        smtp_pause=(
+            None
+            if row["smtp_pause_code"] is None
+            else SMTPPause(
+                code=row["smtp_pause_code"],
+                detail=row["smtp_pause_detail"] or "",
+                since=from_text(row["smtp_paused_at"]),
+            )
+        ),
         created_at=from_text(row["created_at"]),
         updated_at=from_text(row["updated_at"]),
         login_delay_s=row["login_delay_s"],

@@ -8,12 +8,23 @@ Durability: ``transaction(durable=True)`` commits with ``synchronous=FULL``, whi
 required where a commit acknowledges mail to someone (a 202 for a send request, a stored
 POP3 message that will then be deleted on the server). Other commits use NORMAL, which in
 WAL mode is still crash-consistent, only the last commits may be rolled back on power loss.
+
+A full disk: SQLite's ``SQLITE_FULL``, and the I/O errors it reports when the file system
+has no space left (growing the WAL index, writing a page), become ``StorageFullError``;
+``storage_full`` stays true until a write succeeds again, and ``probe_write`` tests it.
+
+Permissions: the file holds encrypted credentials and all mail, so it is created 0600
+(its WAL and SHM files inherit the mode from it) and a directory created for it is 0700.
+An existing directory is left as it is (it may be shared, like ``/tmp``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
+import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
@@ -21,7 +32,7 @@ from typing import Any
 
 import aiosqlite
 
-from service.repository.errors import DuplicateError, RepositoryError
+from service.repository.errors import DuplicateError, RepositoryError, StorageFullError
 from service.repository.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 10_000
@@ -29,6 +40,27 @@ BUSY_TIMEOUT_MS = 10_000
 # read again, so a big cache mostly holds bytes already on disk (it set the peak RSS).
 CACHE_KIB = 8 * 1024
 PAGE_SIZE = 65_536
+FILE_MODE = 0o600
+DIRECTORY_MODE = 0o700
+# Files SQLite keeps beside the database in WAL mode.
+COMPANION_SUFFIXES = ("-wal", "-shm")
+# An I/O error while less than this is free on the database's file system is taken for a
+# full disk: one WAL frame (a page and its header) no longer fits.
+LOW_SPACE_BYTES = 2 * PAGE_SIZE
+# SQLite's I/O errors that a full file system causes (a write, a sync, growing the WAL
+# index or truncating a file); other causes of these are told apart by the free space.
+_SPACE_IOERRS = frozenset(
+    {
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_IOERR_WRITE,
+        sqlite3.SQLITE_IOERR_FSYNC,
+        sqlite3.SQLITE_IOERR_SHMSIZE,
+        sqlite3.SQLITE_IOERR_SHMMAP,
+        sqlite3.SQLITE_IOERR_TRUNCATE,
+    }
+)
+
+logger = logging.getLogger("mailroom.storage")
 
 
 class Database:
@@ -40,11 +72,67 @@ class Database:
         self._reader: aiosqlite.Connection | None = None
         self._write_lock = asyncio.Lock()
         self._synchronous_full = True
+        self._storage_full = False
+
+    @property
+    def storage_full(self) -> bool:
+        """Whether the last write (or open) failed for lack of space, and none succeeded since."""
+        return self._storage_full
+
+    def _translate(self, exc: sqlite3.Error, context: str = "") -> RepositoryError:
+        """The repository error for a driver error; notes a full disk."""
+        message = f"{context}: {exc}" if context else str(exc)
+        if isinstance(exc, sqlite3.IntegrityError):
+            return DuplicateError(message)
+        if self._is_out_of_space(exc):
+            self._storage_full = True
+            return StorageFullError(message)
+        return RepositoryError(message)
+
+    def _is_out_of_space(self, exc: sqlite3.Error) -> bool:
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code == sqlite3.SQLITE_FULL:
+            return True
+        if code not in _SPACE_IOERRS or self.path == ":memory:":
+            return False
+        try:
+            return shutil.disk_usage(Path(self.path).parent).free < LOW_SPACE_BYTES
+        except OSError:
+            return False
+
+    def _prepare_files(self) -> None:
+        """Create the directory (0700) and the database file (0600) before SQLite does.
+
+        SQLite creates the WAL and SHM files with the mode of the database file, so making
+        the database 0600 first covers all three. Existing files are tightened too.
+        """
+        path = Path(self.path)
+        if not path.parent.exists():
+            path.parent.mkdir(mode=DIRECTORY_MODE, parents=True, exist_ok=True)
+        elif path.parent.stat().st_mode & 0o077:
+            logger.warning(
+                "the database directory %s is readable by other users; consider mode 0700",
+                path.parent,
+            )
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        os.close(fd)
+        for file in (path, *(Path(f"{path}{suffix}") for suffix in COMPANION_SUFFIXES)):
+            with contextlib.suppress(FileNotFoundError):
+                if file.stat().st_mode & 0o777 != FILE_MODE:
+                    file.chmod(FILE_MODE)
 
     async def open(self) -> None:
-        """Open both connections and apply pending migrations."""
+        """Open both connections and apply pending migrations.
+
+        :raises StorageFullError: the disk is full (the WAL index or a migration needs
+            space); the service retries later.
+        :raises RepositoryError: the file cannot be opened or migrated.
+        """
         if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self._prepare_files()
+            except OSError as exc:
+                raise RepositoryError(f"cannot create the database file: {exc}") from exc
         try:
             self._writer = await self._connect()
             # Only takes effect on a new file (before its first table). Large pages suit a
@@ -63,7 +151,8 @@ class Database:
                 await conn.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         except sqlite3.Error as exc:
             await self.close()
-            raise RepositoryError(f"cannot open database: {exc}") from exc
+            raise self._translate(exc, "cannot open database") from exc
+        self._storage_full = False
 
     async def _connect(self) -> aiosqlite.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves.
@@ -127,23 +216,31 @@ class Database:
                     self._synchronous_full = durable
                 await conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
-                raise RepositoryError(f"cannot begin transaction: {exc}") from exc
+                raise self._translate(exc, "cannot begin transaction") from exc
             try:
                 yield conn
             except BaseException as exc:
                 with contextlib.suppress(sqlite3.Error):
                     await conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.IntegrityError):
-                    raise DuplicateError(str(exc)) from exc
                 if isinstance(exc, sqlite3.Error):
-                    raise RepositoryError(str(exc)) from exc
+                    raise self._translate(exc) from exc
                 raise
             try:
                 await conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
                     await conn.execute("ROLLBACK")
-                raise RepositoryError(f"commit failed: {exc}") from exc
+                raise self._translate(exc, "commit failed") from exc
+            self._storage_full = False
+
+    async def probe_write(self) -> None:
+        """Commit one tiny real write (the schema version, unchanged) to test for space.
+
+        :raises StorageFullError: there is still no space for it.
+        """
+        async with self.transaction() as conn:
+            row = await (await conn.execute("PRAGMA user_version")).fetchone()
+            await conn.execute(f"PRAGMA user_version={int(row[0]) if row else 0}")
 
     async def fetch_one(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         rows = await self.fetch_all(sql, params)
@@ -157,7 +254,7 @@ class Database:
         try:
             return list(await self.reader.execute_fetchall(sql, tuple(params)))
         except sqlite3.Error as exc:
-            raise RepositoryError(str(exc)) from exc
+            raise self._translate(exc) from exc
 
 
 def _statements(script: str) -> list[str]:

@@ -153,8 +153,22 @@ CREATE TABLE outbox_attempts (
 ) WITHOUT ROWID
 """
 
+V4_SMTP_PAUSE = """
+-- A delivery pause is stored (it survives a restart) and says why: the code and text of
+-- the failure that only new outgoing settings can fix, and since when. It generalises
+-- smtp_auth_failed_at, which is carried over and no longer used.
+ALTER TABLE accounts ADD COLUMN smtp_pause_code TEXT;
+ALTER TABLE accounts ADD COLUMN smtp_pause_detail TEXT;
+ALTER TABLE accounts ADD COLUMN smtp_paused_at TEXT;
+UPDATE accounts SET smtp_pause_code = 'auth_failed',
+    smtp_pause_detail = 'the SMTP server refused the credentials',
+    smtp_paused_at = smtp_auth_failed_at, smtp_auth_failed_at = NULL
+    WHERE smtp_auth_failed_at IS NOT NULL
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, V1_ACCOUNTS),
     (2, V2_RETRIEVALS),
     (3, V3_OUTBOX),
+    (4, V4_SMTP_PAUSE),
 ]

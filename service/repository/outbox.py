@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
 import aiosqlite
 import msgspec
 
+from service.codes import ErrorCode
 from service.domain.enums import OutgoingStatus, RecipientKind, RecipientStatus
 from service.domain.outbox import (
     Attempt,
@@ -57,10 +58,21 @@ _COLUMNS = (
     " updated_at, next_attempt_at, sent_at, expires_at, attempt_count, last_error_code,"
     " last_error_detail"
 )
+# Read with each message: a paused account's waiting messages have no next attempt.
+_PAUSED = (
+    "(SELECT smtp_pause_code IS NOT NULL FROM accounts WHERE id = outbox.account_id) AS paused"
+)
 _WAITING = (OutgoingStatus.QUEUED.value, OutgoingStatus.DEFERRED.value)
 _OPEN_RECIPIENTS = (RecipientStatus.PENDING.value, RecipientStatus.DEFERRED.value)
-EXPIRED_CODE = "expired"
-INTERRUPTED_DETAIL = "the service stopped while this message was being sent"
+EXPIRED_CODE = ErrorCode.EXPIRED
+INTERRUPTED_DETAIL = (
+    "the service stopped while this message was being sent (the server may have received"
+    " it; it is sent again with the same Message-ID)"
+)
+RECOVERED_DETAIL = (
+    "the service stopped while this message was taken for sending (the server may have"
+    " received it; it is sent again with the same Message-ID)"
+)
 
 
 class ExistingKey(msgspec.Struct, frozen=True):
@@ -85,8 +97,13 @@ class OutboxRepository(Protocol):
     async def raw(self, account_id: str, outgoing_id: str) -> bytes | None: ...
     async def cancel(self, account_id: str, outgoing_id: str, at: datetime) -> bool: ...
     async def recover_interrupted(self, at: datetime) -> int: ...
-    async def due_accounts(self, now: datetime, limit: int) -> list[DueAccount]: ...
-    async def next_due(self, exclude: Collection[str]) -> datetime | None: ...
+    async def interrupt(self, started: Mapping[str, datetime], at: datetime) -> None: ...
+    async def due_accounts(
+        self, now: datetime, limit: int, *, exclude_tenants: Collection[str] = ()
+    ) -> list[DueAccount]: ...
+    async def next_due(
+        self, exclude: Collection[str], *, exclude_tenants: Collection[str] = ()
+    ) -> datetime | None: ...
     async def claim(self, account_id: str, now: datetime, limit: int) -> list[ClaimedMessage]: ...
     async def record(self, outcomes: Sequence[DeliveryOutcome]) -> None: ...
     async def release(self, outgoing_ids: Collection[str], at: datetime) -> None: ...
@@ -200,7 +217,7 @@ class SQLiteOutboxRepository:
 
     async def get(self, account_id: str, outgoing_id: str) -> OutgoingMessage | None:
         row = await self._db.fetch_one(
-            f"SELECT {_COLUMNS} FROM outbox WHERE id = ? AND account_id = ?",
+            f"SELECT {_COLUMNS}, {_PAUSED} FROM outbox WHERE id = ? AND account_id = ?",
             (outgoing_id, account_id),
         )
         if row is None:
@@ -219,13 +236,13 @@ class SQLiteOutboxRepository:
         """Newest first."""
         if status is None:
             rows = await self._db.fetch_all(
-                f"SELECT {_COLUMNS} FROM outbox WHERE account_id = ? AND id < ?"
+                f"SELECT {_COLUMNS}, {_PAUSED} FROM outbox WHERE account_id = ? AND id < ?"
                 " ORDER BY id DESC LIMIT ?",
                 (account_id, after or "~", limit + 1),
             )
         else:
             rows = await self._db.fetch_all(
-                f"SELECT {_COLUMNS} FROM outbox WHERE account_id = ? AND status = ?"
+                f"SELECT {_COLUMNS}, {_PAUSED} FROM outbox WHERE account_id = ? AND status = ?"
                 " AND id < ? ORDER BY id DESC LIMIT ?",
                 (account_id, status.value, after or "~", limit + 1),
             )
@@ -302,39 +319,112 @@ class SQLiteOutboxRepository:
         """At start: messages a stopped process left ``sending`` are due again now.
 
         One of them may have reached the server before the stop: it is sent again, with
-        the same Message-ID (at least once, never lost).
+        the same Message-ID (at least once, never lost). Each gets an ``interrupted``
+        attempt dated when it was taken, so its history shows what happened.
         """
         async with self._db.transaction(durable=True) as conn:
+            await conn.execute(
+                "INSERT INTO outbox_attempts"
+                " (outgoing_id, seq, at, outcome, smtp_code, smtp_message, error_code)"
+                " SELECT o.id, (SELECT count(*) + 1 FROM outbox_attempts a"
+                " WHERE a.outgoing_id = o.id), o.updated_at, ?, NULL, NULL, ?"
+                " FROM outbox o WHERE o.status = ?",
+                (
+                    AttemptOutcome.INTERRUPTED.value,
+                    ErrorCode.INTERRUPTED.value,
+                    OutgoingStatus.SENDING.value,
+                ),
+            )
             cursor = await conn.execute(
                 "UPDATE outbox SET status = CASE WHEN attempt_count = 0 THEN ? ELSE ? END,"
-                " next_attempt_at = ?, updated_at = ? WHERE status = ?",
-                (*_WAITING, to_text(at), to_text(at), OutgoingStatus.SENDING.value),
+                " next_attempt_at = ?, updated_at = ?, last_error_code = ?,"
+                " last_error_detail = ? WHERE status = ?",
+                (
+                    *_WAITING,
+                    to_text(at),
+                    to_text(at),
+                    ErrorCode.INTERRUPTED.value,
+                    RECOVERED_DETAIL,
+                    OutgoingStatus.SENDING.value,
+                ),
             )
             return cursor.rowcount
 
-    async def due_accounts(self, now: datetime, limit: int) -> list[DueAccount]:
-        """Accounts with messages due now, oldest due first; paused (535) ones left out."""
+    async def interrupt(self, started: Mapping[str, datetime], at: datetime) -> None:
+        """At a stop: sends cut short (``started``: message id -> when its attempt began)
+        get an ``interrupted`` attempt and are due again ``at``.
+
+        The attempt does not count against the retry schedule: the server did not fail.
+        """
+        if not started:
+            return
+        ids = list(started)
+        async with self._db.transaction(durable=True) as conn:
+            await conn.executemany(
+                "INSERT INTO outbox_attempts"
+                " (outgoing_id, seq, at, outcome, smtp_code, smtp_message, error_code)"
+                " SELECT ?1, (SELECT count(*) + 1 FROM outbox_attempts WHERE outgoing_id = ?1),"
+                " ?2, ?3, NULL, NULL, ?4"
+                " WHERE EXISTS (SELECT 1 FROM outbox WHERE id = ?1 AND status = ?5)",
+                [
+                    (
+                        outgoing_id,
+                        to_text(when),
+                        AttemptOutcome.INTERRUPTED.value,
+                        ErrorCode.INTERRUPTED.value,
+                        OutgoingStatus.SENDING.value,
+                    )
+                    for outgoing_id, when in started.items()
+                ],
+            )
+            await conn.execute(
+                "UPDATE outbox SET status = CASE WHEN attempt_count = 0 THEN ? ELSE ? END,"
+                " next_attempt_at = ?, updated_at = ?, last_error_code = ?, last_error_detail = ?"
+                f" WHERE status = ? AND id IN ({', '.join('?' * len(ids))})",
+                (
+                    *_WAITING,
+                    to_text(at),
+                    to_text(at),
+                    ErrorCode.INTERRUPTED.value,
+                    INTERRUPTED_DETAIL,
+                    OutgoingStatus.SENDING.value,
+                    *ids,
+                ),
+            )
+
+    async def due_accounts(
+        self, now: datetime, limit: int, *, exclude_tenants: Collection[str] = ()
+    ) -> list[DueAccount]:
+        """Accounts with messages due now, oldest due first; paused ones and those of
+        ``exclude_tenants`` left out."""
         rows = await self._db.fetch_all(
-            "SELECT o.account_id, count(*) AS due, a.updated_at, min(o.next_attempt_at) AS first"
+            "SELECT o.account_id, count(*) AS due, a.updated_at, a.tenant,"
+            " min(o.next_attempt_at) AS first"
             " FROM outbox o JOIN accounts a ON a.id = o.account_id"
             " WHERE o.status IN (?, ?) AND o.next_attempt_at <= ?"
-            " AND a.smtp_auth_failed_at IS NULL"
+            " AND a.smtp_pause_code IS NULL"
+            " AND a.tenant NOT IN (SELECT value FROM json_each(?))"
             " GROUP BY o.account_id ORDER BY first LIMIT ?",
-            (*_WAITING, to_text(now), limit),
+            (*_WAITING, to_text(now), _json_list(exclude_tenants), limit),
         )
         return [
-            DueAccount(row["account_id"], int(row["due"]), from_text(row["updated_at"]))
+            DueAccount(
+                row["account_id"], int(row["due"]), from_text(row["updated_at"]), row["tenant"]
+            )
             for row in rows
         ]
 
-    async def next_due(self, exclude: Collection[str]) -> datetime | None:
-        """When the next waiting message falls due, leaving out ``exclude``d accounts and
-        accounts paused for refused credentials."""
+    async def next_due(
+        self, exclude: Collection[str], *, exclude_tenants: Collection[str] = ()
+    ) -> datetime | None:
+        """When the next waiting message falls due, leaving out ``exclude``d accounts,
+        those of ``exclude_tenants`` and paused accounts."""
         row = await self._db.fetch_one(
             "SELECT min(o.next_attempt_at) FROM outbox o JOIN accounts a ON a.id = o.account_id"
-            " WHERE o.status IN (?, ?) AND a.smtp_auth_failed_at IS NULL"
-            " AND o.account_id NOT IN (SELECT value FROM json_each(?))",
-            (*_WAITING, msgspec.json.encode(sorted(exclude)).decode()),
+            " WHERE o.status IN (?, ?) AND a.smtp_pause_code IS NULL"
+            " AND o.account_id NOT IN (SELECT value FROM json_each(?))"
+            " AND a.tenant NOT IN (SELECT value FROM json_each(?))",
+            (*_WAITING, _json_list(exclude), _json_list(exclude_tenants)),
         )
         return None if row is None or row[0] is None else from_text(row[0])
 
@@ -349,7 +439,8 @@ class SQLiteOutboxRepository:
                 "UPDATE outbox SET status = ?, updated_at = ? WHERE id IN ("
                 " SELECT id FROM outbox WHERE account_id = ? AND status IN (?, ?)"
                 " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
-                " RETURNING id, mail_from, smtputf8, attempt_count, created_at, expires_at",
+                " RETURNING id, message_id, mail_from, smtputf8, attempt_count, created_at,"
+                " expires_at",
                 (
                     OutgoingStatus.SENDING.value,
                     to_text(now),
@@ -384,6 +475,7 @@ class SQLiteOutboxRepository:
             ClaimedMessage(
                 id=row["id"],
                 account_id=account_id,
+                message_id=row["message_id"],
                 mail_from=row["mail_from"],
                 smtputf8=bool(row["smtputf8"]),
                 raw=bodies[row["id"]],
@@ -467,8 +559,8 @@ class SQLiteOutboxRepository:
             rows = await conn.execute_fetchall(
                 "UPDATE outbox SET status = ?, updated_at = ?, next_attempt_at = NULL,"
                 " last_error_code = ?, last_error_detail = coalesce("
-                " 'not delivered before the message expired; last error: ' || last_error_code"
-                " || ': ' || last_error_detail, 'not delivered before the message expired')"
+                " 'not delivered before the message expired; the last attempt: '"
+                " || last_error_detail, 'not delivered before the message expired')"
                 " WHERE status IN (?, ?) AND expires_at <= ? RETURNING id",
                 (
                     OutgoingStatus.FAILED.value,
@@ -492,6 +584,10 @@ class SQLiteOutboxRepository:
                 " WHERE account_id = ? AND status IN (?, ?)",
                 (error.code, error.detail, to_text(at), account_id, *_WAITING),
             )
+
+
+def _json_list(values: Collection[str]) -> str:
+    return msgspec.json.encode(sorted(values)).decode()
 
 
 async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> None:
@@ -551,16 +647,20 @@ def _message(
         if row["last_error_code"] is None
         else OutgoingError(row["last_error_code"], row["last_error_detail"] or "")
     )
+    status = OutgoingStatus(row["status"])
+    # Paused: nothing will be tried until the account's settings change.
+    waiting = status in (OutgoingStatus.QUEUED, OutgoingStatus.DEFERRED)
+    next_attempt_at = None if waiting and row["paused"] else opt_from_text(row["next_attempt_at"])
     return OutgoingMessage(
         id=row["id"],
         account_id=row["account_id"],
         message_id=row["message_id"],
-        status=OutgoingStatus(row["status"]),
+        status=status,
         subject=row["subject"],
         size=row["size"],
         created_at=from_text(row["created_at"]),
         updated_at=from_text(row["updated_at"]),
-        next_attempt_at=opt_from_text(row["next_attempt_at"]),
+        next_attempt_at=next_attempt_at,
         sent_at=opt_from_text(row["sent_at"]),
         expires_at=from_text(row["expires_at"]),
         attempt_count=row["attempt_count"],

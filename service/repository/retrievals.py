@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Protocol
 
 import aiosqlite
+import msgspec
 
+from service.codes import ErrorCode
 from service.domain.enums import RetrievalStatus, RetrievalTrigger
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
 from service.domain.time import from_text, opt_from_text, to_text
@@ -22,13 +26,20 @@ _COLUMNS = (
 ACTIVE = (RetrievalStatus.QUEUED.value, RetrievalStatus.RUNNING.value)
 
 
+class LatestRetrieval(msgspec.Struct, frozen=True):
+    """An account's latest retrieval, as the poll schedule needs it."""
+
+    created_at: datetime
+    error_code: str | None
+
+
 class RetrievalRepository(Protocol):
     async def add(self, retrieval: Retrieval) -> None: ...
     async def get(self, account_id: str, retrieval_id: str) -> Retrieval | None: ...
     async def active(self, account_id: str) -> Retrieval | None: ...
     async def page(self, account_id: str, *, after: str | None, limit: int) -> Page[Retrieval]: ...
     async def count_active(self) -> int: ...
-    async def last_created(self) -> dict[str, datetime]: ...
+    async def latest(self) -> dict[str, LatestRetrieval]: ...
     async def start(self, retrieval_id: str, at: datetime) -> None: ...
     async def progress(self, retrieval_id: str, progress: RetrievalProgress) -> None: ...
     async def finish(
@@ -39,7 +50,7 @@ class RetrievalRepository(Protocol):
         progress: RetrievalProgress,
         error: RetrievalError | None,
     ) -> None: ...
-    async def fail_interrupted(self, at: datetime) -> int: ...
+    async def fail_interrupted(self, at: datetime, *, keep: Iterable[str] = ()) -> int: ...
 
 
 class SQLiteRetrievalRepository:
@@ -85,12 +96,18 @@ class SQLiteRetrievalRepository:
         )
         return int(row[0]) if row else 0
 
-    async def last_created(self) -> dict[str, datetime]:
-        """Per account, when its latest retrieval was created (for the poll schedule)."""
+    async def latest(self) -> dict[str, LatestRetrieval]:
+        """Per account, when its latest retrieval was created and how it failed, if it did."""
         rows = await self._db.fetch_all(
-            "SELECT account_id, max(created_at) AS last FROM retrievals GROUP BY account_id"
+            "SELECT account_id, created_at, error_code FROM ("
+            " SELECT account_id, created_at, error_code, row_number() OVER ("
+            "  PARTITION BY account_id ORDER BY created_at DESC, id DESC) AS n"
+            " FROM retrievals) WHERE n = 1"
         )
-        return {row["account_id"]: from_text(row["last"]) for row in rows}
+        return {
+            row["account_id"]: LatestRetrieval(from_text(row["created_at"]), row["error_code"])
+            for row in rows
+        }
 
     async def start(self, retrieval_id: str, at: datetime) -> None:
         async with self._db.transaction() as conn:
@@ -125,14 +142,26 @@ class SQLiteRetrievalRepository:
                 ),
             )
 
-    async def fail_interrupted(self, at: datetime) -> int:
-        """At start: retrievals left active by a stopped process end as failed."""
+    async def fail_interrupted(self, at: datetime, *, keep: Iterable[str] = ()) -> int:
+        """At start: retrievals left active by a stopped process end as failed.
+
+        ``keep`` names retrievals this process already runs (when this recovery was
+        delayed, e.g. by a full disk, and triggers came first).
+        """
+        kept = json.dumps(sorted(keep))
         async with self._db.transaction() as conn:
             cursor = await conn.execute(
-                "UPDATE retrievals SET status = ?, finished_at = ?, error_code = 'interrupted',"
+                "UPDATE retrievals SET status = ?, finished_at = ?, error_code = ?,"
                 " error_detail = 'the service stopped during this retrieval; nothing was"
-                " deleted that was not stored' WHERE status IN (?, ?)",
-                (RetrievalStatus.FAILED.value, to_text(at), *ACTIVE),
+                " deleted that was not stored' WHERE status IN (?, ?)"
+                " AND id NOT IN (SELECT value FROM json_each(?))",
+                (
+                    RetrievalStatus.FAILED.value,
+                    to_text(at),
+                    ErrorCode.INTERRUPTED.value,
+                    *ACTIVE,
+                    kept,
+                ),
             )
             return cursor.rowcount
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 import msgspec
 from msgspec import UnsetType
 
+from service.codes import ErrorCode
 from service.crypto import CredentialCipher, CredentialError
 from service.domain.accounts import (
     POP3_PORTS,
@@ -21,8 +23,11 @@ from service.domain.ids import new_id
 from service.domain.inputs import AccountInput, AccountPatch, OutgoingPatch
 from service.domain.time import utcnow
 from service.errors import FieldError, Invalid, NotFound, Unavailable
+from service.logs import log_event
 from service.repository.accounts import AccountRepository
 from service.repository.pages import Page
+
+logger = logging.getLogger("mailroom.accounts")
 
 # Field names bound into each ciphertext (associated data), not secrets.
 IN_PASSWORD = "incoming.password"  # noqa: S105
@@ -135,11 +140,12 @@ class AccountService:
                     incoming, password_encrypted=self._seal(p.password, account_id, IN_PASSWORD)
                 )
         outgoing = current.outgoing
-        smtp_auth_failed_at = current.smtp_auth_failed_at
+        smtp_pause = current.smtp_pause
+        outgoing_changed = not isinstance(patch.outgoing, UnsetType)
         if not isinstance(patch.outgoing, UnsetType):
             outgoing = self._patch_outgoing(account_id, outgoing, patch.outgoing)
-            # New outgoing settings: give delivery another chance after an auth failure.
-            smtp_auth_failed_at = None
+            # New outgoing settings (even `{}`: "try again") end a delivery pause.
+            smtp_pause = None
         retrieval = current.retrieval
         if not isinstance(patch.retrieval, UnsetType):
             retrieval = msgspec.structs.replace(
@@ -164,14 +170,25 @@ class AccountService:
             incoming=incoming,
             outgoing=outgoing,
             retrieval=retrieval,
-            smtp_auth_failed_at=smtp_auth_failed_at,
+            smtp_pause=smtp_pause,
             updated_at=utcnow(),
         )
         await self._host_check(updated)
-        await self._repo.replace(updated)
-        if self._on_outgoing_changed is not None and not isinstance(patch.outgoing, UnsetType):
-            # Delivery paused on this account's settings can resume at once.
-            self._on_outgoing_changed(account_id)
+        await self._repo.replace(updated, outgoing_changed=outgoing_changed)
+        if outgoing_changed:
+            if current.smtp_pause is not None:
+                log_event(
+                    logger,
+                    "account resumed",
+                    tenant=tenant,
+                    account_id=account_id,
+                    code=current.smtp_pause.code,
+                    paused_since=current.smtp_pause.since.isoformat(),
+                )
+            if self._on_outgoing_changed is not None:
+                # Delivery waiting on this account's settings (a pause, a backoff) resumes
+                # at once.
+                self._on_outgoing_changed(account_id)
         return updated
 
     def _patch_outgoing(
@@ -217,7 +234,7 @@ class AccountService:
             raise Unavailable(
                 f"stored credentials of account {account.id} cannot be decrypted:"
                 " is MAILROOM_SECRET_KEY (or the key file) the one they were stored with?",
-                code="credentials_unreadable",
+                code=ErrorCode.CREDENTIALS_UNREADABLE,
             ) from exc
         return Credentials(incoming_password=incoming, outgoing_password=outgoing)
 

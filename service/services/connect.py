@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 
 import idna
 
+from service.config import MIN_RATE_WINDOW_S
 from service.domain.accounts import Account
 from service.errors import FieldError, Invalid
 from service.netguard import ConnectionGuard, HostNotAllowed, NetGuardError
@@ -113,17 +114,36 @@ class MailConnector:
         return addresses[0]
 
     @contextlib.asynccontextmanager
-    async def pop3(self, account: Account) -> AsyncIterator[POP3Client]:
-        """A connected POP3 client (greeting read); QUIT is the caller's to send."""
+    async def pop3(
+        self,
+        account: Account,
+        *,
+        timeout_s: float | None = None,
+        session_timeout: float | None = None,
+        min_rate: int = 0,
+        rate_window: float = MIN_RATE_WINDOW_S,
+    ) -> AsyncIterator[POP3Client]:
+        """A connected POP3 client (greeting read); QUIT is the caller's to send.
+
+        ``timeout_s`` shortens each network step (verify answers within its own budget).
+        ``session_timeout``, ``min_rate`` and ``rate_window`` bound the whole session
+        (a retrieval's deadline and minimum transfer rate; see ``POP3Client``).
+        """
         incoming = account.incoming
         address = await self.address(incoming.host, incoming.port)
+        timeout = self._pop3_timeout_s
+        if timeout_s is not None:
+            timeout = min(timeout, timeout_s)
         client = POP3Client(
             incoming.host,
             incoming.port,
             incoming.security,
             ssl_context=self._ssl_context,
             connect_address=address,
-            timeout=self._pop3_timeout_s,
+            timeout=timeout,
+            session_timeout=session_timeout,
+            min_rate=min_rate,
+            rate_window=rate_window,
         )
         async with client:
             yield client

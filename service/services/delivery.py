@@ -20,23 +20,35 @@ message-level or account-level):
   past ``max_message_age_s`` -> ``failed`` with ``expired``.
 - 5xx to MAIL/DATA/the final dot, or to every recipient -> ``failed`` (no retry).
 - Account-level and permanent (the account's settings are wrong, or the server is not
-  what they say): ``auth_failed`` (535) marks the account's SMTP credentials as failing
-  (``smtp_auth_failed_at``, kept across restarts); ``tls_required`` (STARTTLS missing or
-  stripped: no credentials were sent), ``tls_certificate_invalid``,
-  ``insecure_auth_refused``, ``auth_not_supported``, ``host_not_allowed`` and
-  ``credentials_unreadable`` pause the account in memory. Either way the account's
-  messages stay ``deferred`` (their ``error`` says why) and nothing more is tried until
-  the account's settings change (a PATCH: ``updated_at`` moves, and the update clears
-  ``smtp_auth_failed_at``). An in-memory pause ends at a restart, which costs one more
-  attempt. Paused messages still expire.
+  what they say): ``auth_failed`` (535), ``tls_required`` (STARTTLS missing or stripped:
+  no credentials were sent), ``tls_certificate_invalid``, ``insecure_auth_refused``,
+  ``auth_not_supported``, ``rejected`` at EHLO and HELO, ``host_not_allowed`` and
+  ``credentials_unreadable`` pause the account: the pause (code, text, since) is stored
+  with it, so it holds across restarts (except the last two, whose cause is this
+  service's configuration: a restart ends them). The account's messages stay waiting
+  (their ``error`` says why, ``next_attempt_at`` reads null) and nothing more is tried
+  until the outgoing settings change: a PATCH clears the pause, makes the waiting
+  messages due and wakes the dispatcher at once. Paused messages still expire.
 - Account-level but transient (``tls_failed`` handshake errors, a 454 to AUTH, a host
   that does not resolve right now) and connection failures: the claimed messages are
-  deferred with backoff and the account is held until the earliest of them is due.
+  deferred with backoff and the account is held until the earliest of them is due (or
+  until its outgoing settings change).
+
+Bounds: one attempt (opening the session when it needs one, then MAIL to the reply to the
+final dot) has an overall deadline (``attempt_timeout_s``) on top of each step's RFC 5321
+timeout, so a server that trickles its replies cannot keep a delivery slot; it ends as a
+transient ``timeout``. One tenant's accounts hold at most ``sessions_per_tenant`` of the
+``concurrency`` sessions, so a tenant's slow servers never hold up another tenant's mail.
 
 A message in flight when the process dies stays ``sending`` in the store; the next start
-makes it due again, so it may be sent twice, always with the same Message-ID, and is
-never lost. On a graceful stop, sends in progress get ``shutdown_grace_s`` to finish;
-messages not finished by then go back to the queue the same way.
+records an ``interrupted`` attempt and makes it due again, so it may be sent twice, always
+with the same Message-ID, and is never lost. On a graceful stop, sends in progress get
+``shutdown_grace_s`` to finish; a send cut short then is recorded ``interrupted`` and
+queued again the same way.
+
+Each outcome is one INFO event line (``message sent``, ``message deferred``, ``message
+failed``), as are ``account paused`` and ``account resumed`` (the latter is logged by the
+account service, which ends the pause).
 """
 
 from __future__ import annotations
@@ -53,7 +65,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from service.domain.accounts import Account
+from service.codes import ErrorCode
+from service.domain.accounts import Account, SMTPPause
 from service.domain.enums import OutgoingStatus, RecipientStatus
 from service.domain.outbox import (
     Attempt,
@@ -66,6 +79,7 @@ from service.domain.outbox import (
 )
 from service.domain.time import utcnow
 from service.errors import ServiceError
+from service.logs import log_event
 from service.metrics import Metrics
 from service.repository.accounts import AccountRepository
 from service.repository.errors import RepositoryError
@@ -79,8 +93,10 @@ from service.smtp import (
     SMTPReplyError,
     SMTPServer,
     SMTPSession,
+    SMTPTimedOut,
     SMTPTimeouts,
 )
+from service.smtp.errors import reply_text, stage_words
 
 logger = logging.getLogger("mailroom.delivery")
 
@@ -95,11 +111,14 @@ WRITE_BATCH = 500  # outcomes per commit
 WRITE_RETRIES = 3
 WRITE_RETRY_DELAY_S = 0.5
 
-AUTH_FAILED = "auth_failed"
-HOST_NOT_ALLOWED = "host_not_allowed"
-INVALID_ADDRESS = "invalid_address"
-RECIPIENTS_REFUSED = "recipients_refused"
-RECIPIENTS_DEFERRED = "recipients_deferred"
+ATTEMPT_TIMEOUT_S = 600.0  # one whole attempt; the app passes MAILROOM_SMTP_ATTEMPT_TIMEOUT
+HOST_NOT_ALLOWED = ErrorCode.HOST_NOT_ALLOWED
+INVALID_ADDRESS = ErrorCode.INVALID_ADDRESS
+RECIPIENTS_REFUSED = ErrorCode.RECIPIENTS_REFUSED
+RECIPIENTS_DEFERRED = ErrorCode.RECIPIENTS_DEFERRED
+# Pauses whose cause is this service's own configuration (the keys, the allowed networks):
+# a restart, which may have changed it, ends them.
+PAUSES_ENDED_BY_RESTART = (ErrorCode.CREDENTIALS_UNREADABLE, ErrorCode.HOST_NOT_ALLOWED)
 
 Clock = Callable[[], datetime]
 
@@ -112,6 +131,9 @@ class DeliveryPolicy:
     retry_jitter: float
     concurrency: int
     max_sessions_per_account: int | None = None  # None: up to ``concurrency``
+    # Sessions one tenant's accounts may hold at once; None: up to ``concurrency``.
+    max_sessions_per_tenant: int | None = None
+    attempt_timeout_s: float = ATTEMPT_TIMEOUT_S
     claim_batch: int = CLAIM_BATCH
     max_messages_per_session: int = MAX_MESSAGES_PER_SESSION
     session_idle_s: float = SESSION_IDLE_S
@@ -122,6 +144,11 @@ class DeliveryPolicy:
     @property
     def sessions_per_account(self) -> int:
         cap = self.max_sessions_per_account
+        return self.concurrency if cap is None else max(1, min(cap, self.concurrency))
+
+    @property
+    def sessions_per_tenant(self) -> int:
+        cap = self.max_sessions_per_tenant
         return self.concurrency if cap is None else max(1, min(cap, self.concurrency))
 
 
@@ -227,10 +254,11 @@ class DeliveryWorker:
         self._reclaim = asyncio.Event()  # lingering sessions give their slot back
         self._account_events: dict[str, asyncio.Event] = {}
         self._sessions: dict[str, int] = {}  # account id -> running sessions
+        self._tenant_of: dict[str, str] = {}  # account id -> tenant, while it has sessions
+        self._tenant_sessions: dict[str, int] = {}  # tenant -> running sessions
         self._lingering = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._claimed: set[str] = set()  # taken (sending), outcome not yet produced
-        self._paused: dict[str, tuple[datetime, OutgoingError]] = {}  # until updated_at moves
         self._held: dict[str, datetime] = {}  # transient trouble: not before this time
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
@@ -246,6 +274,9 @@ class DeliveryWorker:
                 " again (a server may receive one twice, with the same Message-ID)",
                 recovered,
             )
+        ended = await self._account_repo.clear_smtp_pauses(PAUSES_ENDED_BY_RESTART)
+        if ended:
+            logger.info("%d account(s) paused on this service's configuration resume", ended)
         self._stopping = False
         self._wake.clear()
         self._reclaim.clear()
@@ -296,6 +327,12 @@ class DeliveryWorker:
             await asyncio.wait(list(self._tasks))
         await self._writer.flush()
 
+    def outgoing_changed(self, account_id: str) -> None:
+        """The account's outgoing settings changed (its pause, if any, is cleared and its
+        waiting messages are due): deliver them now, not after a backoff or a poll."""
+        self._held.pop(account_id, None)
+        self.notify(account_id)
+
     def _wake_up(self) -> None:
         self._wake.set()
 
@@ -331,16 +368,16 @@ class DeliveryWorker:
         working = len(self._tasks) - self._lingering
         if working >= self._policy.concurrency:
             return poll  # a session ending wakes the dispatcher
-        due = await self._outbox.due_accounts(now, DUE_ACCOUNTS_SCAN)
+        share = self._policy.sessions_per_tenant
+        # Left out of the scan, so a tenant with a big backlog cannot crowd others out of it.
+        full = {t for t, n in self._tenant_sessions.items() if n >= share}
+        due = await self._outbox.due_accounts(now, DUE_ACCOUNTS_SCAN, exclude_tenants=full)
         wanted: list[str] = []
+        tenant_of: dict[str, str] = {}
         for account in due:
-            pause = self._paused.get(account.account_id)
-            if pause is not None:
-                if pause[0] == account.updated_at:
-                    continue
-                del self._paused[account.account_id]  # settings changed: try again
             if account.account_id in self._held:
                 continue
+            tenant_of[account.account_id] = account.tenant
             running = self._sessions.get(account.account_id, 0)
             target = min(
                 self._policy.sessions_per_account,
@@ -349,21 +386,29 @@ class DeliveryWorker:
             wanted += [account.account_id] * max(0, target - running)
         # Round-robin over accounts: each gets a session before any gets a second one.
         order = _round_robin(wanted)
+        over_share: set[str] = set()  # their tenant holds its share: a session ending wakes us
         for account_id in order:
+            tenant = tenant_of[account_id]
+            if self._tenant_sessions.get(tenant, 0) >= share:
+                over_share.add(account_id)
+                continue
             if len(self._tasks) >= self._policy.concurrency:
                 if self._lingering:
                     self._reclaim.set()  # idle sessions make room, then we are woken
                 break
-            self._start_session(account_id)
-        excluded = set(self._sessions) | set(self._paused) | set(self._held)
-        next_due = await self._outbox.next_due(excluded)
+            self._start_session(account_id, tenant)
+        excluded = set(self._sessions) | set(self._held) | over_share
+        full = {t for t, n in self._tenant_sessions.items() if n >= share}
+        next_due = await self._outbox.next_due(excluded, exclude_tenants=full)
         wake_times = [t for t in (next_due, *self._held.values()) if t is not None]
         if not wake_times:
             return poll
         return max(0.0, min(poll, (min(wake_times) - self._clock()).total_seconds()))
 
-    def _start_session(self, account_id: str) -> None:
+    def _start_session(self, account_id: str, tenant: str) -> None:
         self._sessions[account_id] = self._sessions.get(account_id, 0) + 1
+        self._tenant_of[account_id] = tenant
+        self._tenant_sessions[tenant] = self._tenant_sessions.get(tenant, 0) + 1
         task = asyncio.create_task(self._session(account_id), name=f"smtp {account_id}")
         self._tasks.add(task)
 
@@ -375,6 +420,12 @@ class DeliveryWorker:
             else:
                 self._sessions.pop(account_id, None)
                 self._account_events.pop(account_id, None)
+                self._tenant_of.pop(account_id, None)
+            tenant_left = self._tenant_sessions.get(tenant, 1) - 1
+            if tenant_left > 0:
+                self._tenant_sessions[tenant] = tenant_left
+            else:
+                self._tenant_sessions.pop(tenant, None)
             if not finished.cancelled() and finished.exception() is not None:
                 logger.error(
                     "SMTP session for account %s failed unexpectedly",
@@ -390,28 +441,35 @@ class DeliveryWorker:
     async def _session(self, account_id: str) -> None:
         """Deliver the account's due messages over one connection, then QUIT."""
         account = await self._account_repo.get_any(account_id)
-        if account is None or account.smtp_auth_failed_at is not None:
+        if account is None or account.smtp_pause is not None:
             return
         batch = await self._claim(account_id)
         session: SMTPSession | None = None
         done = 0
+        in_flight: dict[str, datetime] = {}  # the message being sent -> when it began
+        loop = asyncio.get_running_loop()
         try:
             while batch:
                 pending = deque(batch)
                 while pending:
                     if self._stopping:
                         return  # the rest is released below
+                    # One attempt's deadline covers opening a session for it, if needed.
+                    deadline = loop.time() + self._policy.attempt_timeout_s
                     if session is None or not session.usable:
                         if session is not None:
                             await session.close()
                         try:
-                            session = await self._open(account)
+                            session = await self._open(account, deadline)
                         except _Failure as failure:
                             session = None
                             await self._open_failed(account, list(pending), failure)
                             return
                     message = pending.popleft()
-                    self._finish(await self._deliver(session, message), message)
+                    in_flight[message.id] = self._clock()
+                    outcome = await self._attempt(session, message, deadline)
+                    del in_flight[message.id]
+                    self._finish(outcome, message)
                     done += 1
                 if self._stopping or done >= self._policy.max_messages_per_session:
                     return
@@ -429,10 +487,10 @@ class DeliveryWorker:
         finally:
             if session is not None:
                 await session.close()
-            await self._release_unfinished(batch)
+            await self._release_unfinished(batch, in_flight)
 
     async def _claim(self, account_id: str) -> list[ClaimedMessage]:
-        if self._stopping or account_id in self._paused or account_id in self._held:
+        if self._stopping or account_id in self._held:
             return []  # another session of the account just found it unusable
         claimed = await self._outbox.claim(account_id, self._clock(), self._policy.claim_batch)
         self._claimed.update(m.id for m in claimed)
@@ -463,25 +521,125 @@ class DeliveryWorker:
                 self._reclaim.clear()
         return event.is_set() and not self._stopping
 
-    async def _release_unfinished(self, batch: Sequence[ClaimedMessage]) -> None:
+    async def _release_unfinished(
+        self, batch: Sequence[ClaimedMessage], in_flight: dict[str, datetime]
+    ) -> None:
+        """Give back what the session took and did not finish; a send cut short (a stop
+        whose grace ran out) is recorded as an ``interrupted`` attempt first."""
         left = [m.id for m in batch if m.id in self._claimed]
         if not left:
             return
+        now = self._clock()
+        started = {i: at for i, at in in_flight.items() if i in left}
         with contextlib.suppress(RepositoryError):
-            await self._outbox.release(left, self._clock())
+            if started:
+                await self._outbox.interrupt(started, now)
+                for message in batch:
+                    if message.id in started:
+                        self._log_interrupted(message, started[message.id])
+            rest = [i for i in left if i not in started]
+            await self._outbox.release(rest, now)
             self._claimed.difference_update(left)
 
-    def _finish(self, outcome: DeliveryOutcome, message: ClaimedMessage) -> None:
+    def _finish(
+        self, outcome: DeliveryOutcome, message: ClaimedMessage, *, paused: bool = False
+    ) -> None:
         self._claimed.discard(outcome.outgoing_id)
         self._writer.put(outcome)
+        self._log_outcome(outcome, message, paused=paused)
         if self._metrics is not None and outcome.attempt is not None:
             self._metrics.record_delivery_attempt(outcome.attempt.outcome)
             if outcome.status is OutgoingStatus.SENT:
                 latency = (outcome.at - message.created_at).total_seconds()
                 self._metrics.observe_delivery_latency(latency)
 
-    async def _open(self, account: Account) -> SMTPSession:
-        """A connected, secured, authenticated session for the account."""
+    def _log_outcome(
+        self, outcome: DeliveryOutcome, message: ClaimedMessage, *, paused: bool
+    ) -> None:
+        """One business event per outcome: sent, deferred (tried again later) or failed."""
+        event = {
+            OutgoingStatus.SENT: "message sent",
+            OutgoingStatus.DEFERRED: "message deferred",
+        }.get(outcome.status, "message failed")
+        attempt = outcome.attempt
+        log_event(
+            logger,
+            event,
+            tenant=self._tenant_of.get(message.account_id),
+            account_id=message.account_id,
+            outgoing_id=message.id,
+            message_id=message.message_id,
+            code=outcome.error.code if outcome.error else None,
+            smtp_code=attempt.smtp_code if attempt else None,
+            smtp_reply=(
+                reply_text(attempt.smtp_code, attempt.smtp_message)
+                if attempt is not None and attempt.smtp_code is not None
+                else None
+            ),
+            attempt=message.attempt_count + 1 if outcome.count_attempt else None,
+            next_attempt_at=(
+                None
+                if paused or outcome.next_attempt_at is None
+                else outcome.next_attempt_at.isoformat()
+            ),
+        )
+
+    def _log_interrupted(self, message: ClaimedMessage, started: datetime) -> None:
+        log_event(
+            logger,
+            "message deferred",
+            tenant=self._tenant_of.get(message.account_id),
+            account_id=message.account_id,
+            outgoing_id=message.id,
+            message_id=message.message_id,
+            code=ErrorCode.INTERRUPTED,
+            attempt_started_at=started.isoformat(),
+        )
+
+    async def _attempt(
+        self, session: SMTPSession, message: ClaimedMessage, deadline: float
+    ) -> DeliveryOutcome:
+        """One attempt within its overall deadline: past it, the connection is dropped and
+        the attempt is a transient ``timeout``."""
+        timeout = asyncio.timeout_at(deadline)
+        try:
+            async with timeout:
+                return await self._deliver(session, message)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+        # The session dropped the connection when the deadline cancelled it mid-command;
+        # make sure: a transaction cut short cannot go on on this connection.
+        session._abort()
+        stage = session.stage
+        exc = SMTPTimedOut(
+            ErrorCode.TIMEOUT,
+            f"the SMTP server did not complete the delivery attempt within"
+            f" {self._policy.attempt_timeout_s:g} s (it was at {stage_words(stage)});"
+            " the connection was dropped",
+            stage=stage,
+        )
+        return self._failed(message, message.open_recipients, exc)
+
+    async def _open(self, account: Account, deadline: float) -> SMTPSession:
+        """A connected, secured, authenticated session for the account, within the
+        attempt's deadline."""
+        timeout = asyncio.timeout_at(deadline)
+        try:
+            async with timeout:
+                return await self._open_session(account)
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+        raise _Failure(
+            ErrorCode.TIMEOUT,
+            f"the SMTP server did not let a session open within"
+            f" {self._policy.attempt_timeout_s:g} s; the connection was dropped",
+            transient=True,
+            account_level=True,
+        )
+
+    async def _open_session(self, account: Account) -> SMTPSession:
         try:
             password = self._accounts.credentials(account).outgoing_password
             server = await self._connector.smtp_server(account, password)
@@ -497,7 +655,7 @@ class DeliveryWorker:
             await session.open()
         except SMTPDeliveryError as exc:
             raise _Failure(
-                exc.code.value,
+                exc.code,
                 str(exc),
                 transient=exc.transient,
                 account_level=exc.account_level,
@@ -523,17 +681,36 @@ class DeliveryWorker:
         )
         attempt_outcome = AttemptOutcome.DEFERRED if failure.transient else AttemptOutcome.FAILED
         if failure.account_level and not failure.transient:
-            # Wrong settings: retrying spends the schedule and proves nothing. Keep the
-            # messages waiting (due as soon as the account is fixed) and pause it.
+            # Wrong settings: retrying spends the schedule and proves nothing. Pause the
+            # account (stored first, so no other session takes its mail meanwhile) and keep
+            # the messages waiting, due as soon as the settings change. Unless they
+            # already changed while this session ran: then they simply get their try.
+            pause = SMTPPause(code=failure.code, detail=failure.detail, since=now)
+            paused = await self._account_repo.pause_smtp(
+                account.id, pause, settings_of=account.updated_at
+            )
+            if paused:
+                log_event(
+                    logger,
+                    "account paused",
+                    level=logging.WARNING,
+                    tenant=account.tenant,
+                    account_id=account.id,
+                    code=failure.code,
+                    smtp_code=failure.smtp_code,
+                    smtp_reply=(
+                        reply_text(failure.smtp_code, failure.smtp_message)
+                        if failure.smtp_code is not None
+                        else None
+                    ),
+                    detail=failure.detail,
+                )
             for message in messages:
                 attempt = _attempt(now, AttemptOutcome.DEFERRED, failure)
-                self._finish(_waiting(message, now, attempt, error), message)
-            if failure.code == AUTH_FAILED:
-                await self._account_repo.set_smtp_auth_failed(account.id, now)
-            else:
-                self._paused[account.id] = (account.updated_at, error)
+                self._finish(_waiting(message, now, attempt, error), message, paused=paused)
             await self._writer.flush()
-            await self._outbox.note_hold(account.id, error, now)
+            if paused:
+                await self._outbox.note_hold(account.id, error, now)
             return
         earliest: datetime | None = None
         for message in messages:
@@ -599,14 +776,17 @@ class DeliveryWorker:
             for target, o in zip(targets, result.recipients, strict=True)
         }
         every = all(o.status is RcptStatus.ACCEPTED for o in result.recipients)
+        deferred = any(u.status is RecipientStatus.DEFERRED for u in updates.values())
         attempt = Attempt(
             at=now,
             outcome=AttemptOutcome.SENT if every else AttemptOutcome.PARTIAL,
             smtp_code=result.smtp_code,
             smtp_message=result.smtp_message,
-            error_code=None if every else RECIPIENTS_REFUSED,
+            # Deferred (4xx) recipients are what the message still waits on, so they name
+            # the attempt even when others were refused for good.
+            error_code=None if every else RECIPIENTS_DEFERRED if deferred else RECIPIENTS_REFUSED,
         )
-        if any(u.status is RecipientStatus.DEFERRED for u in updates.values()):
+        if deferred:
             error = OutgoingError(
                 RECIPIENTS_DEFERRED,
                 "the server deferred some recipients (4xx); only they are tried again",
@@ -623,9 +803,9 @@ class DeliveryWorker:
         """The transaction delivered nothing: per recipient, retry (4xx, drops, timeouts)
         or fail (5xx)."""
         now = self._clock()
-        error = OutgoingError(exc.code.value, str(exc))
+        error = OutgoingError(exc.code, str(exc))
         failure = _Failure(
-            exc.code.value,
+            exc.code,
             str(exc),
             transient=exc.transient,
             account_level=exc.account_level,
@@ -779,7 +959,7 @@ def _conclude(
     if expired:
         detail = "not delivered before the retry schedule or the message's lifetime ran out"
         if error is not None:
-            detail += f"; last error: {error.code}: {error.detail}"
+            detail += f"; the last attempt: {error.detail}"
         error = OutgoingError(EXPIRED_CODE, detail)
     elif delivered:
         error = (

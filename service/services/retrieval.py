@@ -9,6 +9,15 @@ Rules (DESIGN.md, "no mail is ever lost"):
 
 Runs in background tasks owned by ``RetrievalService`` (started and stopped in the app's
 lifespan); never two at once for one account (a unique index in the store enforces it).
+
+Limits: a whole session has a deadline (``retrieval_timeout_s``) and a minimum transfer
+rate, both enforced by the POP3 client while it waits for the server (so never in the
+middle of a commit); a tenant holds at most its share of the retrieval slots. A caller may
+cancel a retrieval: it stops at the next network step (the connection is dropped without
+QUIT, so nothing of that session is deleted) after committing what it downloaded.
+A retrieval whose end cannot be recorded (a full disk) is over all the same: its slot is
+free, its end is recorded again in the background, and the next trigger for the account
+records it first instead of answering 409.
 """
 
 from __future__ import annotations
@@ -17,10 +26,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
+from enum import StrEnum
 
 import msgspec
 
+from service.codes import ErrorCode
+from service.config import MIN_RATE_WINDOW_S
 from service.domain.accounts import Account
 from service.domain.enums import RetrievalStatus, RetrievalTrigger, ServerMessageState
 from service.domain.ids import new_id
@@ -33,9 +45,10 @@ from service.domain.retrievals import (
 )
 from service.domain.time import utcnow
 from service.errors import Conflict, NotFound, TooManyRequests
+from service.logs import log_event
 from service.mail.parse import summarize
 from service.pop3.client import POP3Client
-from service.pop3.errors import MessageTooLarge, POP3Error
+from service.pop3.errors import MessageTooLarge, POP3Error, POP3TimeoutError
 from service.repository.accounts import AccountRepository
 from service.repository.errors import DuplicateError, RepositoryError
 from service.repository.messages import KnownUidl, MessageRepository
@@ -51,8 +64,39 @@ logger = logging.getLogger("mailroom.retrieval")
 BATCH_MESSAGES = 500
 BATCH_BYTES = 8 * 1024 * 1024
 SECONDS_PER_DAY = 86_400
+#: How long a cancel request waits for the retrieval to stop before answering anyway.
+CANCEL_WAIT_S = 30.0
+#: Pauses between attempts to record the end of a retrieval when the store refused it
+#: (a full disk); the last one repeats until it is recorded or the service stops.
+FINISH_RETRY_DELAYS_S = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
+ACTIVE_STATUSES = (RetrievalStatus.QUEUED, RetrievalStatus.RUNNING)
 
 RetrievalObserver = Callable[[Retrieval], Awaitable[None]]
+
+
+class _Outcome(msgspec.Struct, frozen=True, kw_only=True):
+    """How a retrieval ended, kept until the store has recorded it."""
+
+    status: RetrievalStatus
+    finished_at: datetime
+    progress: RetrievalProgress
+    error: RetrievalError | None
+
+
+class _Slot:
+    """A retrieval slot held by one tenant: reserved at trigger, freed when its task ends."""
+
+    __slots__ = ("account_id", "run", "task", "tenant")
+
+    def __init__(self, tenant: str, account_id: str) -> None:
+        self.tenant = tenant
+        self.account_id = account_id
+        self.task: asyncio.Task[None] | None = None
+        self.run: _Run | None = None
+
+
+class _Cancelled(Exception):
+    """Raised at a checkpoint of a run a caller has cancelled."""
 
 
 class RetrievalService:
@@ -68,6 +112,10 @@ class RetrievalService:
         connector: MailConnector,
         max_message_bytes: int,
         max_concurrent: int,
+        max_per_tenant: int | None = None,
+        session_timeout_s: float | None = None,
+        min_transfer_rate: int = 0,
+        rate_window_s: float = MIN_RATE_WINDOW_S,
         on_finished: RetrievalObserver | None = None,
     ) -> None:
         self._accounts = accounts
@@ -77,17 +125,34 @@ class RetrievalService:
         self._connector = connector
         self._max_message_bytes = max_message_bytes
         self._max_concurrent = max_concurrent
+        self._max_per_tenant = max_per_tenant or max_concurrent
+        self._session_timeout_s = session_timeout_s
+        self._min_transfer_rate = min_transfer_rate
+        self._rate_window_s = rate_window_s
         self._on_finished = on_finished
         self._tasks: set[asyncio.Task[None]] = set()
+        # Retrieval id -> the slot of a retrieval this process runs (or is starting).
+        self._slots: dict[str, _Slot] = {}
+        # Retrieval id -> an end the store has not recorded yet (retried in the background).
+        self._unrecorded: dict[str, _Outcome] = {}
+        self._recorders: set[asyncio.Task[None]] = set()
+        self._stopping = False
 
     async def start(self) -> None:
         """Close out retrievals a previous process left running."""
-        count = await self._retrievals.fail_interrupted(utcnow())
+        count = await self._retrievals.fail_interrupted(utcnow(), keep=list(self._slots))
         if count:
             logger.warning("marked %d interrupted retrieval(s) as failed", count)
 
     async def stop(self) -> None:
-        """Cancel running retrievals: their sessions close without QUIT (nothing deleted)."""
+        """Cancel running retrievals: their sessions close without QUIT (nothing deleted).
+
+        Ends not yet recorded stay unrecorded: the next start fails them as interrupted.
+        """
+        self._stopping = True
+        for recorder in list(self._recorders):
+            recorder.cancel()
+        await asyncio.gather(*self._recorders, return_exceptions=True)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -110,10 +175,17 @@ class RetrievalService:
             return None
 
     async def _trigger(self, account: Account, trigger: RetrievalTrigger) -> Retrieval:
-        if len(self._tasks) >= self._max_concurrent:
+        held = sum(1 for slot in self._slots.values() if slot.tenant == account.tenant)
+        if held >= self._max_per_tenant:
             raise TooManyRequests(
-                f"{self._max_concurrent} retrievals are running; try again shortly",
-                code="too_many_retrievals",
+                f"this tenant already runs {held} retrievals, its share of the"
+                f" {self._max_concurrent} retrieval slots; try again when one ends",
+                code=ErrorCode.TOO_MANY_RETRIEVALS,
+            )
+        if len(self._slots) >= self._max_concurrent:
+            raise TooManyRequests(
+                f"all {self._max_concurrent} retrieval slots are in use; try again shortly",
+                code=ErrorCode.TOO_MANY_RETRIEVALS,
             )
         retrieval = Retrieval(
             id=new_id("ret"),
@@ -122,90 +194,268 @@ class RetrievalService:
             status=RetrievalStatus.QUEUED,
             created_at=utcnow(),
         )
+        # Held from now, so concurrent triggers cannot overrun the limits while this one
+        # waits for the store.
+        slot = self._slots[retrieval.id] = _Slot(account.tenant, account.id)
+        try:
+            await self._add(retrieval)
+        except BaseException:
+            del self._slots[retrieval.id]
+            raise
+        run = slot.run = _Run(self, account, retrieval)
+        task = asyncio.create_task(self._run(run), name=f"retrieval {retrieval.id}")
+        slot.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._slots.pop(retrieval.id, None))
+        return retrieval
+
+    async def _add(self, retrieval: Retrieval) -> None:
+        """Insert the row; an active row no task of this process owns is ended first."""
+        try:
+            await self._retrievals.add(retrieval)
+            return
+        except DuplicateError:
+            active = await self._retrievals.active(retrieval.account_id)
+            if active is None or active.id in self._slots:
+                raise Conflict(
+                    "a retrieval is already running for this account",
+                    code=ErrorCode.RETRIEVAL_RUNNING,
+                    resource_id=active.id if active else None,
+                ) from None
+        # Its task is gone (its end could not be recorded): record that end now.
+        await self._record_orphan(active)
         try:
             await self._retrievals.add(retrieval)
         except DuplicateError:
-            active = await self._retrievals.active(account.id)
             raise Conflict(
                 "a retrieval is already running for this account",
-                code="retrieval_running",
-                resource_id=active.id if active else None,
+                code=ErrorCode.RETRIEVAL_RUNNING,
             ) from None
-        task = asyncio.create_task(self._run(account, retrieval), name=f"retrieval {retrieval.id}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return retrieval
+
+    async def _record_orphan(self, active: Retrieval, *, cancelled: bool = False) -> Retrieval:
+        """End an active row that no task of this process runs; return it as ended."""
+        outcome = self._unrecorded.get(active.id)
+        if outcome is None:
+            status, code, detail = (
+                (RetrievalStatus.CANCELLED, ErrorCode.CANCELLED, "cancelled by a caller")
+                if cancelled
+                else (
+                    RetrievalStatus.FAILED,
+                    ErrorCode.INTERRUPTED,
+                    "no task was running this retrieval any more",
+                )
+            )
+            outcome = _Outcome(
+                status=status,
+                finished_at=utcnow(),
+                progress=RetrievalProgress(
+                    messages_on_server=active.messages_on_server,
+                    messages_downloaded=active.messages_downloaded,
+                    bytes_downloaded=active.bytes_downloaded,
+                    messages_deleted=active.messages_deleted,
+                    messages_skipped=active.messages_skipped,
+                ),
+                error=RetrievalError(code, f"{detail}; nothing was deleted that was not stored"),
+            )
+        await self._record(active.id, outcome)
+        logger.warning("retrieval %s: its end is recorded now (%s)", active.id, outcome.status)
+        return _ended(active, outcome)
+
+    async def _record(self, retrieval_id: str, outcome: _Outcome) -> None:
+        await self._retrievals.finish(
+            retrieval_id, outcome.status, outcome.finished_at, outcome.progress, outcome.error
+        )
+        self._unrecorded.pop(retrieval_id, None)
+
+    async def cancel(self, tenant: str, account_id: str, retrieval_id: str) -> Retrieval:
+        """Stop a retrieval at its next safe point and return it as it ended.
+
+        409 ``retrieval_finished`` if it had already ended. Waits for it to stop at most
+        :data:`CANCEL_WAIT_S` (then answers with its state at that moment).
+        """
+        retrieval = await self.get(tenant, account_id, retrieval_id)
+        slot = self._slots.get(retrieval_id)
+        if slot is None or slot.task is None:
+            if retrieval.status not in ACTIVE_STATUSES:
+                raise Conflict(
+                    f"the retrieval has already ended ({retrieval.status.value})",
+                    code=ErrorCode.RETRIEVAL_FINISHED,
+                    resource_id=retrieval_id,
+                )
+            if retrieval_id in self._unrecorded:
+                # It ended before the cancel; only the store does not know it yet.
+                await self._record_orphan(retrieval)
+                raise Conflict(
+                    "the retrieval had already ended",
+                    code=ErrorCode.RETRIEVAL_FINISHED,
+                    resource_id=retrieval_id,
+                )
+            return await self._record_orphan(retrieval, cancelled=True)
+        log_event(
+            logger,
+            "retrieval cancel requested",
+            tenant=tenant,
+            account_id=account_id,
+            retrieval_id=retrieval_id,
+        )
+        if slot.run is not None:
+            slot.run.request_cancel(slot.task)
+        await asyncio.wait({slot.task}, timeout=CANCEL_WAIT_S)
+        return await self.get(tenant, account_id, retrieval_id)
 
     async def get(self, tenant: str, account_id: str, retrieval_id: str) -> Retrieval:
         await self._accounts.get(tenant, account_id)
         retrieval = await self._retrievals.get(account_id, retrieval_id)
         if retrieval is None:
             raise NotFound(f"no retrieval {retrieval_id!r}")
-        return retrieval
+        return self._as_known(retrieval)
 
     async def page(
         self, tenant: str, account_id: str, *, after: str | None, limit: int
     ) -> Page[Retrieval]:
         await self._accounts.get(tenant, account_id)
-        return await self._retrievals.page(account_id, after=after, limit=limit)
+        page = await self._retrievals.page(account_id, after=after, limit=limit)
+        return Page([self._as_known(r) for r in page.items], page.next_after)
+
+    def _as_known(self, retrieval: Retrieval) -> Retrieval:
+        """The stored retrieval, or how it ended if the store could not record that yet."""
+        outcome = self._unrecorded.get(retrieval.id)
+        if outcome is None or retrieval.status not in ACTIVE_STATUSES:
+            return retrieval
+        return _ended(retrieval, outcome)
+
+    @property
+    def running(self) -> int:
+        """How many retrieval slots are held (queued or running in this process)."""
+        return len(self._slots)
 
     async def wait_idle(self) -> None:
         """Wait for every running retrieval (tests and shutdown)."""
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
-    async def _run(self, account: Account, retrieval: Retrieval) -> None:
+    async def _run(self, run: _Run) -> None:
+        retrieval = run.retrieval
         started_at = utcnow()
-        await self._retrievals.start(retrieval.id, started_at)
-        retrieval = msgspec.structs.replace(
-            retrieval, status=RetrievalStatus.RUNNING, started_at=started_at
-        )
-        run = _Run(self, account, retrieval)
         status, error = RetrievalStatus.SUCCEEDED, None
         try:
+            await self._retrievals.start(retrieval.id, started_at)
+            run.retrieval = msgspec.structs.replace(
+                retrieval, status=RetrievalStatus.RUNNING, started_at=started_at
+            )
             await run.execute()
         except asyncio.CancelledError:
-            status = RetrievalStatus.FAILED
-            error = RetrievalError("interrupted", "the service stopped during this retrieval")
-            await asyncio.shield(self._finish(retrieval, status, run.progress(), error))
-            raise
-        except (ConnectFailure, POP3Error) as exc:
-            status, error = RetrievalStatus.FAILED, RetrievalError(exc.code, exc.detail)
+            if not run.cancel_requested or self._stopping:
+                status = RetrievalStatus.FAILED
+                error = RetrievalError(
+                    ErrorCode.INTERRUPTED, "the service stopped during this retrieval"
+                )
+                await asyncio.shield(self._finish(run, status, error))
+                raise
+            # A caller's cancel that landed while connecting: the task goes on to finish.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            status, error = RetrievalStatus.CANCELLED, run.cancelled_error()
+        except (_Cancelled, ConnectFailure, POP3Error) as exc:
+            # After a cancel, whatever broke the session is the cancel's doing.
+            if run.cancel_requested or isinstance(exc, _Cancelled):
+                status, error = RetrievalStatus.CANCELLED, run.cancelled_error()
+            else:
+                status, error = RetrievalStatus.FAILED, run.error_of(exc)
         except RepositoryError as exc:
             logger.error("retrieval %s: store failed: %s", retrieval.id, exc)
             status = RetrievalStatus.FAILED
-            error = RetrievalError("storage_error", "the message store failed; nothing deleted")
+            error = RetrievalError(
+                ErrorCode.STORAGE_ERROR, "the message store failed; nothing deleted"
+            )
         except Exception:
             logger.exception("retrieval %s failed unexpectedly", retrieval.id)
             status = RetrievalStatus.FAILED
-            error = RetrievalError("internal_error", "unexpected error; it has been logged")
-        await self._finish(retrieval, status, run.progress(), error)
+            error = RetrievalError(ErrorCode.INTERNAL_ERROR, "unexpected error; it has been logged")
+        await self._finish(run, status, error)
 
     async def _finish(
-        self,
-        retrieval: Retrieval,
-        status: RetrievalStatus,
-        progress: RetrievalProgress,
-        error: RetrievalError | None,
+        self, run: _Run, status: RetrievalStatus, error: RetrievalError | None
     ) -> None:
-        finished_at = utcnow()
-        try:
-            await self._retrievals.finish(retrieval.id, status, finished_at, progress, error)
-        except RepositoryError as exc:
-            logger.error("retrieval %s: cannot record its end: %s", retrieval.id, exc)
-            return
-        if error is not None:
+        retrieval = run.retrieval
+        outcome = _Outcome(
+            status=status, finished_at=utcnow(), progress=run.progress(), error=error
+        )
+        done = _ended(retrieval, outcome)
+        started = retrieval.started_at or retrieval.created_at
+        log_event(
+            logger,
+            "retrieval finished",
+            tenant=run.account.tenant,
+            account_id=retrieval.account_id,
+            retrieval_id=retrieval.id,
+            status=status.value,
+            code=error.code if error else None,
+            messages_on_server=done.messages_on_server,
+            messages_downloaded=done.messages_downloaded,
+            bytes_downloaded=done.bytes_downloaded,
+            messages_deleted=done.messages_deleted,
+            duration_s=round((outcome.finished_at - started).total_seconds(), 3),
+        )
+        if error is not None and status is RetrievalStatus.FAILED:
             logger.warning("retrieval %s failed: %s (%s)", retrieval.id, error.code, error.detail)
-        if self._on_finished is not None:
-            # Everything the store now holds for it is here already: no read back.
-            done = msgspec.structs.replace(
-                retrieval,
-                status=status,
-                finished_at=finished_at,
-                error=error,
-                **msgspec.structs.asdict(progress),
+        try:
+            await self._record(retrieval.id, outcome)
+        except RepositoryError as exc:
+            # The retrieval is over all the same: its task ends (freeing its slot), and
+            # its end is recorded later, by a retry or by the next trigger.
+            logger.error("retrieval %s: cannot record its end yet: %s", retrieval.id, exc)
+            self._unrecorded[retrieval.id] = outcome
+            recorder = asyncio.create_task(
+                self._record_later(retrieval.id), name=f"record end of {retrieval.id}"
             )
+            self._recorders.add(recorder)
+            recorder.add_done_callback(self._recorders.discard)
+        if self._on_finished is not None:
+            # Everything the store holds (or will hold) for it is here already: no read back.
             await self._on_finished(done)
+
+    async def _record_later(self, retrieval_id: str) -> None:
+        """Retry recording an end with bounded backoff until it is recorded."""
+        attempt = 0
+        while retrieval_id in self._unrecorded:
+            await asyncio.sleep(FINISH_RETRY_DELAYS_S[min(attempt, len(FINISH_RETRY_DELAYS_S) - 1)])
+            attempt += 1
+            outcome = self._unrecorded.get(retrieval_id)
+            if outcome is None:
+                return  # recorded meanwhile (by a trigger or a cancel)
+            try:
+                await self._record(retrieval_id, outcome)
+            except RepositoryError as exc:
+                logger.warning(
+                    "retrieval %s: recording its end failed again (attempt %d): %s",
+                    retrieval_id,
+                    attempt,
+                    exc,
+                )
+            else:
+                logger.info("retrieval %s: its end is recorded now", retrieval_id)
+
+
+def _ended(retrieval: Retrieval, outcome: _Outcome) -> Retrieval:
+    return msgspec.structs.replace(
+        retrieval,
+        status=outcome.status,
+        finished_at=outcome.finished_at,
+        error=outcome.error,
+        **msgspec.structs.asdict(outcome.progress),
+    )
+
+
+class _Phase(StrEnum):
+    """Where a run is, which decides how a cancel reaches it."""
+
+    STARTING = "starting"  # nothing in flight: the flag is seen at the first checkpoint
+    CONNECTING = "connecting"  # resolving and connecting: the task itself is cancelled
+    TRANSFERRING = "transferring"  # the connection is dropped (no QUIT: nothing deleted)
+    FINISHING = "finishing"  # DELE and QUIT under way: let them complete
 
 
 class _Run:
@@ -215,6 +465,9 @@ class _Run:
         self.s = service
         self.account = account
         self.retrieval = retrieval
+        self.phase = _Phase.STARTING
+        self.cancel_requested = False
+        self.client: POP3Client | None = None
         self.on_server: int | None = None
         self.downloaded = 0
         self.bytes = 0
@@ -230,6 +483,32 @@ class _Run:
             messages_skipped=self.skipped,
         )
 
+    def request_cancel(self, task: asyncio.Task[None]) -> None:
+        """Ask the run to stop at its next safe point (see :class:`_Phase`)."""
+        self.cancel_requested = True
+        if self.phase is _Phase.CONNECTING:
+            task.cancel()
+        elif self.phase is _Phase.TRANSFERRING and self.client is not None:
+            # Network waits fail at once; a commit under way completes first.
+            self.client.close()
+
+    def checkpoint(self) -> None:
+        if self.cancel_requested and self.phase is not _Phase.FINISHING:
+            raise _Cancelled
+
+    def cancelled_error(self) -> RetrievalError:
+        return RetrievalError(
+            ErrorCode.CANCELLED,
+            f"cancelled by a caller; the {self.downloaded} message(s) downloaded before are"
+            " stored and nothing was deleted on the server in this session",
+        )
+
+    def error_of(self, exc: ConnectFailure | POP3Error) -> RetrievalError:
+        detail = exc.detail
+        if isinstance(exc, POP3TimeoutError) and self.on_server is not None:
+            detail += f"; the {self.downloaded} message(s) downloaded before that are stored"
+        return RetrievalError(exc.code, detail)
+
     @property
     def cap(self) -> int:
         own = self.account.retrieval.max_message_bytes
@@ -238,7 +517,16 @@ class _Run:
     async def execute(self) -> None:
         account, s = self.account, self.s
         credentials = s._accounts.credentials(account)
-        async with s._connector.pop3(account) as client:
+        self.checkpoint()
+        self.phase = _Phase.CONNECTING
+        async with s._connector.pop3(
+            account,
+            session_timeout=s._session_timeout_s,
+            min_rate=s._min_transfer_rate,
+            rate_window=s._rate_window_s,
+        ) as client:
+            self.client, self.phase = client, _Phase.TRANSFERRING
+            self.checkpoint()
             await client.login(account.incoming.username, credentials.incoming_password)
             delay = client.login_delay
             if delay != account.login_delay_s:
@@ -266,6 +554,8 @@ class _Run:
 
             to_delete = self._deletable_known(uidls, known)
             to_delete += await self._download(client, wanted, uidls, sizes)
+            self.checkpoint()
+            self.phase = _Phase.FINISHING
             if to_delete:
                 await client.dele(sorted(to_delete))
             await client.quit()
@@ -337,7 +627,8 @@ class _Run:
         async def flush() -> None:
             nonlocal writer, batch, numbers, size
             if writer is not None:
-                await writer
+                # Shielded: whatever ends the run, a commit under way completes.
+                await asyncio.shield(writer)
                 writer = None
             if batch:
                 writer = asyncio.create_task(store(batch, numbers, size))
@@ -345,6 +636,7 @@ class _Run:
 
         try:
             async for number, raw in client.retrieve_many(wanted, max_bytes=self.cap):
+                self.checkpoint()
                 batch.append(self._new_message(uidls[number], raw))
                 numbers.append(number)
                 size += len(raw)

@@ -2,6 +2,9 @@
 
 The schedule is derived from the store (the time of each account's latest retrieval), so
 a restart resumes it with no state of its own. The server's LOGIN-DELAY is a floor.
+A poll that found the mailbox locked by another session (``mailbox_locked``, temporary) is
+tried again sooner: after :data:`LOCKED_RETRY_S` rather than a whole poll interval. A poll
+that finds the service's or its tenant's retrieval slots full waits for a later tick.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import contextlib
 import logging
 from datetime import datetime, timedelta
 
+from service.codes import ErrorCode
 from service.domain.accounts import Account
 from service.domain.time import utcnow
 from service.repository.accounts import AccountRepository
@@ -20,6 +24,8 @@ from service.services.retrieval import RetrievalService
 
 logger = logging.getLogger("mailroom.scheduler")
 SECONDS_PER_MINUTE = 60
+#: After ``mailbox_locked``, the next poll comes this soon (unless the interval is shorter).
+LOCKED_RETRY_S = 60.0
 
 
 def poll_interval(account: Account) -> timedelta | None:
@@ -30,10 +36,16 @@ def poll_interval(account: Account) -> timedelta | None:
     return timedelta(seconds=seconds)
 
 
-def is_due(account: Account, last: datetime | None, now: datetime) -> bool:
+def is_due(account: Account, last: datetime | None, now: datetime, *, locked: bool = False) -> bool:
+    """Whether a poll is due; ``locked``: the latest one found the mailbox locked."""
     interval = poll_interval(account)
     if interval is None:
         return False
+    if locked:
+        # The lock is someone else's session, usually short: retry sooner, but never
+        # more often than the server's LOGIN-DELAY allows.
+        floor = timedelta(seconds=account.login_delay_s or 0)
+        interval = max(min(interval, timedelta(seconds=LOCKED_RETRY_S)), floor)
     return last is None or now - last >= interval
 
 
@@ -67,10 +79,12 @@ class Scheduler:
     async def tick(self) -> int:
         """Trigger every due account once; returns how many were triggered."""
         now = utcnow()
-        last = await self._retrievals.last_created()
+        latest = await self._retrievals.latest()
         triggered = 0
         for account in await self._accounts.list_polled():
-            if is_due(account, last.get(account.id), now):
+            last = latest.get(account.id)
+            locked = last is not None and last.error_code == ErrorCode.MAILBOX_LOCKED
+            if is_due(account, last.created_at if last else None, now, locked=locked):
                 if await self._service.trigger_scheduled(account) is not None:
                     triggered += 1
         return triggered

@@ -6,7 +6,7 @@ Public API::
                ca_file=None, connect_address=None, local_hostname=None, timeouts=SMTPTimeouts())
     async with SMTPSession(server) as session:
         result: SendResult = await session.send(mail_from, recipients, data, smtputf8=False)
-    await verify(server) -> list[VerifyStep]
+    await verify(server, envelope=(mail_from, rcpt), timeout_s=30) -> list[VerifyStep]
 
 Errors: :class:`SMTPDeliveryError` and subclasses (see ``service.smtp.errors``).
 """
@@ -31,11 +31,9 @@ from service.smtp.session import (
     RecipientOutcome,
     SendResult,
     SMTPSession,
-    VerifyStep,
-    VerifyStepName,
     prepare_data,
-    verify,
 )
+from service.smtp.verify import VerifyStep, VerifyStepName, verify
 
 __all__ = [
     "DEFAULT_TIMEOUTS",

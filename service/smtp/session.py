@@ -50,7 +50,9 @@ from service.smtp.errors import (
     SMTPSecurityError,
     SMTPStage,
     SMTPTimedOut,
+    stage_words,
 )
+from service.smtp.verify import VerifyStep, VerifyStepName
 from service.tls import client_context
 
 _LINE_BREAK = re.compile(rb"\r\n|\r|\n")
@@ -116,24 +118,6 @@ class SendResult:
     def rejected(self) -> tuple[str, ...]:
         """Recipients refused with 5xx: never retry."""
         return self._with(RcptStatus.REJECTED)
-
-
-class VerifyStepName(StrEnum):
-    """The steps :func:`verify` reports, in order."""
-
-    CONNECT = "connect"  # TCP, greeting, EHLO
-    TLS = "tls"  # implicit TLS or STARTTLS, certificate verified
-    AUTH = "auth"  # credentials accepted
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyStep:
-    """Outcome of one step of opening a session; ``code`` is an SMTPErrorCode on failure."""
-
-    step: VerifyStepName
-    ok: bool
-    code: str | None
-    detail: str
 
 
 _STEP_OF_STAGE = {
@@ -224,6 +208,7 @@ class SMTPSession:
         self._encrypted = False
         self._peer = ""
         self._messages_sent = 0
+        self._stage = SMTPStage.CONNECT  # the step in progress, or the last one done
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -282,6 +267,11 @@ class SMTPSession:
         return self._encrypted
 
     @property
+    def stage(self) -> SMTPStage:
+        """The step in progress (or the last one done): where a caller's deadline struck."""
+        return self._stage
+
+    @property
     def messages_sent(self) -> int:
         """Messages accepted by the server on this connection."""
         return self._messages_sent
@@ -314,6 +304,7 @@ class SMTPSession:
             tls_context=context if implicit_tls else None,
         )
         self._smtp = smtp
+        self._stage = SMTPStage.GREETING
         try:
             greeting = await smtp.connect(sock=sock, timeout=timeouts.greeting)
         except (aiosmtplib.SMTPException, OSError) as exc:
@@ -342,7 +333,7 @@ class SMTPSession:
         except (OSError, ssl.SSLError) as exc:
             raise SMTPSecurityError(
                 SMTPErrorCode.TLS_FAILED,
-                f"cannot load the CA file {self.server.ca_file!r}: {exc}",
+                f"the CA file {self.server.ca_file!r} for the SMTP server cannot be loaded: {exc}",
                 stage=SMTPStage.TLS,
             ) from exc
 
@@ -351,6 +342,7 @@ class SMTPSession:
         server = self.server
         loop = asyncio.get_running_loop()
         target = f"{server.connect_address or server.host}:{server.port}"
+        self._stage = SMTPStage.CONNECT
         try:
             async with asyncio.timeout(server.timeouts.connect):
                 candidates: list[tuple[int, tuple[Any, ...]]]
@@ -382,17 +374,19 @@ class SMTPSession:
         except TimeoutError as exc:
             raise SMTPTimedOut(
                 SMTPErrorCode.TIMEOUT,
-                f"no connection to {target} within {server.timeouts.connect:g} s",
+                f"no connection to the SMTP server at {target} within"
+                f" {server.timeouts.connect:g} s",
                 stage=SMTPStage.CONNECT,
             ) from exc
         except OSError as exc:
             raise SMTPConnectionFailed(
                 SMTPErrorCode.CONNECT_FAILED,
-                f"cannot connect to {target}: {exc.strerror or exc}",
+                f"cannot connect to the SMTP server at {target}: {exc.strerror or exc}",
                 stage=SMTPStage.CONNECT,
             ) from exc
 
     async def _ehlo(self, stage: SMTPStage) -> None:
+        self._stage = stage
         smtp = self._require(stage)
         try:
             await smtp.ehlo(timeout=self.server.timeouts.command)
@@ -413,11 +407,12 @@ class SMTPSession:
             raise self._translate(exc, stage) from exc
 
     async def _starttls(self, context: ssl.SSLContext) -> None:
+        self._stage = SMTPStage.STARTTLS
         smtp = self._require(SMTPStage.STARTTLS)
         if not smtp.supports_extension("starttls"):
             raise SMTPSecurityError(
                 SMTPErrorCode.TLS_REQUIRED,
-                "the server does not offer STARTTLS, which the account requires; "
+                "the SMTP server does not offer STARTTLS, which the account requires; "
                 "nothing was sent in clear",
                 stage=SMTPStage.STARTTLS,
             )
@@ -432,7 +427,7 @@ class SMTPSession:
                 raise self._translate(exc, SMTPStage.STARTTLS) from exc
             raise SMTPSecurityError(
                 SMTPErrorCode.TLS_REQUIRED,
-                "the server refused STARTTLS, which the account requires",
+                "the SMTP server refused STARTTLS, which the account requires",
                 stage=SMTPStage.STARTTLS,
                 smtp_code=exc.code,
                 smtp_message=exc.message,
@@ -455,13 +450,14 @@ class SMTPSession:
 
     async def _authenticate(self) -> None:
         server = self.server
+        self._stage = SMTPStage.AUTH
         smtp = self._require(SMTPStage.AUTH)
         assert server.username is not None and server.password is not None
         if not self._encrypted and not server.allow_insecure_auth:
             raise SMTPSecurityError(
                 SMTPErrorCode.INSECURE_AUTH_REFUSED,
-                "the connection is not encrypted and the account does not allow sending "
-                "its password in clear; no AUTH was sent",
+                "the connection to the SMTP server is not encrypted and the account does not"
+                " allow sending its password in clear; no AUTH was sent",
                 stage=SMTPStage.AUTH,
             )
         offered = " ".join(smtp.server_auth_methods) or "none"
@@ -473,7 +469,7 @@ class SMTPSession:
             hint = "" if self._encrypted else " (many servers offer AUTH only over TLS)"
             raise SMTPAuthError(
                 SMTPErrorCode.AUTH_NOT_SUPPORTED,
-                f"no usable AUTH mechanism; the server offers: {offered}{hint}",
+                f"the SMTP server offers no AUTH mechanism Mailroom can use: {offered}{hint}",
                 stage=SMTPStage.AUTH,
             )
         refusal: aiosmtplib.SMTPAuthenticationError | None = None
@@ -514,7 +510,7 @@ class SMTPSession:
             ) from refusal
         raise SMTPAuthError(
             SMTPErrorCode.AUTH_FAILED,
-            "the server refused the credentials",
+            "the SMTP server refused the credentials",
             stage=SMTPStage.AUTH,
             smtp_code=refusal.code,
             smtp_message=refusal.message,
@@ -671,6 +667,7 @@ class SMTPSession:
 
     async def _transmit(self, payload: bytes) -> SMTPResponse:
         """Write the prepared message and read the reply to the final dot."""
+        self._stage = SMTPStage.MESSAGE
         smtp = self._require(SMTPStage.MESSAGE)
         protocol = smtp.protocol
         timeouts = self.server.timeouts
@@ -709,6 +706,49 @@ class SMTPSession:
             if reply.code != REPLY_OK:
                 self._abort()
                 raise self._reply_error(SMTPStage.RSET, reply, "the server refused RSET")
+
+    async def check_envelope(self, mail_from: str, recipient: str) -> SMTPResponse:
+        """MAIL FROM and RCPT TO, then RSET: would the server take this envelope? (no DATA)
+
+        Used by verify: a refused EHLO name, sender or recipient shows here, not on the
+        first real send.
+
+        :returns: the reply to RCPT (2xx).
+        :raises SMTPReplyError: MAIL or RCPT refused (the server's reply attached).
+        :raises SMTPDeliveryError: connection, timeout or protocol failures.
+        :raises ValueError: an address unsafe on an SMTP command line.
+        """
+        for address in (mail_from, recipient):
+            if not address or _UNSAFE_IN_PATH.search(address):
+                raise ValueError(f"address {address!r} is not safe on an SMTP command line")
+        async with self._lock:
+            smtp = self._require()
+            timeouts = self.server.timeouts
+            needs_utf8 = not (mail_from.isascii() and recipient.isascii())
+            options = self._mail_options(smtp, 0, needs_utf8, eight_bit=False)
+            options = [o for o in options if not o.startswith(b"SIZE=")]  # no message yet
+            encoding = "utf-8" if needs_utf8 else "ascii"
+            reply = await self._command(
+                SMTPStage.MAIL,
+                b"MAIL",
+                b"FROM:<" + mail_from.encode(encoding) + b">",
+                *options,
+                limit=timeouts.mail,
+            )
+            if reply.code != REPLY_OK:
+                error = self._reply_error(SMTPStage.MAIL, reply, "the server refused the sender")
+                await self._reset_quietly()
+                raise error
+            reply = await self._command(
+                SMTPStage.RCPT,
+                b"RCPT",
+                b"TO:<" + recipient.encode(encoding) + b">",
+                limit=timeouts.rcpt,
+            )
+            await self._reset_quietly()
+            if reply.code not in (REPLY_OK, REPLY_WILL_FORWARD):
+                raise self._reply_error(SMTPStage.RCPT, reply, "the server refused the recipient")
+            return reply
 
     async def check(self) -> bool:
         """NOOP: whether the connection still works (use before reusing an idle session).
@@ -758,6 +798,7 @@ class SMTPSession:
             smtp.close()
 
     async def _command(self, stage: SMTPStage, *args: bytes, limit: float) -> SMTPResponse:
+        self._stage = stage
         smtp = self._require(stage)
         try:
             reply = await smtp.execute_command(*args, timeout=limit)
@@ -794,6 +835,9 @@ class SMTPSession:
                 stage=stage,
                 smtp_code=reply.code,
                 smtp_message=reply.message,
+                # Refused at EHLO and HELO: the server will not talk to this client, whatever
+                # the message; the account's settings (or the EHLO name) must change.
+                account_level=stage is SMTPStage.EHLO,
                 recipients=recipients,
             )
         self._abort()  # a reply that makes no sense here: out of step with the server
@@ -813,7 +857,7 @@ class SMTPSession:
         if cert_error is not None:
             return SMTPSecurityError(
                 SMTPErrorCode.TLS_CERTIFICATE_INVALID,
-                f"the certificate of {host} is not trusted: "
+                f"the certificate of the SMTP server {host} is not trusted: "
                 f"{cert_error.verify_message or cert_error.reason}",
                 stage=stage if stage is SMTPStage.STARTTLS else SMTPStage.TLS,
             )
@@ -821,17 +865,23 @@ class SMTPSession:
         if ssl_error is not None:
             return SMTPSecurityError(
                 SMTPErrorCode.TLS_FAILED,
-                f"TLS with {host} failed: {ssl_error.reason or ssl_error}",
+                f"the TLS handshake with the SMTP server {host} failed:"
+                f" {ssl_error.reason or ssl_error}",
                 stage=stage if stage is SMTPStage.STARTTLS else SMTPStage.TLS,
                 transient=True,  # also a connection reset mid-handshake
             )
         if isinstance(exc, TimeoutError):  # aiosmtplib's timeouts are TimeoutErrors
-            return SMTPTimedOut(SMTPErrorCode.TIMEOUT, f"no reply from {host} in time", stage=stage)
+            return SMTPTimedOut(
+                SMTPErrorCode.TIMEOUT,
+                f"the SMTP server {host} did not answer {stage_words(stage)} in time",
+                stage=stage,
+            )
         if isinstance(exc, aiosmtplib.SMTPResponseException):
             if exc.code < 0:
                 return SMTPProtocolError(
                     SMTPErrorCode.PROTOCOL_ERROR,
-                    f"malformed reply from {host}: {exc.message}",
+                    f"the SMTP server {host} sent a malformed reply to {stage_words(stage)}:"
+                    f" {exc.message}",
                     stage=stage,
                     transient=True,
                 )
@@ -847,28 +897,18 @@ class SMTPSession:
         ):
             return SMTPConnectionFailed(
                 SMTPErrorCode.CONNECT_FAILED,
-                f"{host} closed the connection before its greeting",
+                f"the SMTP server {host} closed the connection before its greeting",
                 stage=SMTPStage.GREETING,
             )
         if isinstance(exc, ConnectionError | aiosmtplib.SMTPServerDisconnected | OSError):
             return SMTPConnectionFailed(
-                SMTPErrorCode.CONNECTION_LOST, f"the connection to {host} was lost", stage=stage
+                SMTPErrorCode.CONNECTION_LOST,
+                f"the SMTP server {host} closed the connection during {stage_words(stage)}",
+                stage=stage,
             )
         return SMTPProtocolError(
-            SMTPErrorCode.PROTOCOL_ERROR, f"{host}: {exc}", stage=stage, transient=True
+            SMTPErrorCode.PROTOCOL_ERROR,
+            f"the session with the SMTP server {host} failed at {stage_words(stage)}: {exc}",
+            stage=stage,
+            transient=True,
         )
-
-
-async def verify(server: SMTPServer) -> list[VerifyStep]:
-    """Open a session to ``server`` and report each step (connect, tls, auth).
-
-    Steps appear in order; the last one failed if the account cannot send. Credentials
-    are never in any detail.
-    """
-    session = SMTPSession(server)
-    try:
-        await session.open()
-    except SMTPDeliveryError:
-        return list(session.steps)
-    await session.close()
-    return list(session.steps)

@@ -60,12 +60,38 @@ def test_full_environment() -> None:
         ("MAILROOM_CA_FILE", "/nonexistent/ca.pem", "MAILROOM_CA_FILE"),
         ("MAILROOM_LOG_FORMAT", "xml", "MAILROOM_LOG_FORMAT"),
         ("MAILROOM_RETRY_DELAYS", "1,x", "MAILROOM_RETRY_DELAYS"),
+        ("MAILROOM_RETRIEVAL_TIMEOUT", "0", "MAILROOM_RETRIEVAL_TIMEOUT"),
+        ("MAILROOM_VERIFY_TIMEOUT", "soon", "MAILROOM_VERIFY_TIMEOUT"),
+        ("MAILROOM_MAX_RETRIEVALS_PER_TENANT", "0", "MAILROOM_MAX_RETRIEVALS_PER_TENANT"),
+        ("MAILROOM_EHLO_NAME", "localhost", "fully qualified"),
+        ("MAILROOM_EHLO_NAME", "mail .example.com", "fully qualified"),
+        ("MAILROOM_EHLO_NAME", "[300.1.2.3]", "address literal"),
     ],
 )
 def test_bad_values_name_the_variable(name: str, value: str, mentions: str) -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({name: value})
     assert mentions in str(info.value)
+
+
+def test_tenant_shares_default_to_half_only_with_several_tenants() -> None:
+    one = Settings.from_env({"MAILROOM_API_KEYS": "k-0123456789abcdef"})
+    assert (one.retrievals_per_tenant, one.smtp_sessions_tenant_share) == (8, 8)
+    several = Settings.from_env({"MAILROOM_API_KEYS": "a:k-0123456789abcdef,b:k-abcdef0123456789"})
+    assert (several.retrievals_per_tenant, several.smtp_sessions_tenant_share) == (4, 4)
+    tiny = Settings.from_env(
+        {
+            "MAILROOM_API_KEYS": "a:k-0123456789abcdef,b:k-abcdef0123456789",
+            "MAILROOM_MAX_CONCURRENT_RETRIEVALS": "1",
+            "MAILROOM_SMTP_SESSIONS_PER_TENANT": "50",
+        }
+    )
+    assert (tiny.retrievals_per_tenant, tiny.smtp_sessions_tenant_share) == (1, 8)
+
+
+def test_ehlo_name_accepts_names_and_address_literals() -> None:
+    for name in ("mail.example.com", "[192.0.2.1]", "[IPv6:2001:db8::1]"):
+        assert Settings.from_env({"MAILROOM_EHLO_NAME": name}).ehlo_name == name
 
 
 def test_encrypt_decrypt_roundtrip_with_random_nonce() -> None:

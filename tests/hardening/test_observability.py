@@ -93,7 +93,12 @@ async def test_secrets_never_leak_and_everything_is_observable(
                 "auth",
                 "mailbox",
             ]
-            assert [s["step"] for s in verified["outgoing"]["steps"]] == ["connect", "tls", "auth"]
+            assert [s["step"] for s in verified["outgoing"]["steps"]] == [
+                "connect",
+                "tls",
+                "auth",
+                "envelope",
+            ]
             refused = (await call("POST", f"/v1/accounts/{bad_id}/verify")).json()
             assert refused["ok"] is False
             assert refused["incoming"]["steps"][-1]["code"] == "auth_failed"
@@ -149,6 +154,13 @@ async def test_secrets_never_leak_and_everything_is_observable(
     assert len(lines) > 10
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert any(r.get("request_id") for r in records)
+    # One line per request, its fields as keys: the leak scan below covers them too.
+    requests = [r for r in records if r.get("logger") == "mailroom.http"]
+    assert {(r["method"], r["route"], r["status"]) for r in requests} >= {
+        ("POST", "/v1/accounts", 201),
+        ("POST", "/v1/accounts/{account_id}/verify", 200),
+    }
+    assert all(r.get("request_id") and "duration_ms" in r for r in requests)
     for secret in (pop3_password, smtp_password, wrong_password):
         assert secret not in log
         for body in bodies:

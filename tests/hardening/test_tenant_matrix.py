@@ -34,6 +34,7 @@ BODIES: dict[str, Any] = {
 }
 NO_BODY = {
     "StartRetrieval",
+    "CancelRetrieval",
     "DeleteAccount",
     "DeleteMessage",
     "CancelOutgoingMessage",

@@ -336,6 +336,12 @@ async def test_wrong_password_pauses_the_account_until_it_is_updated(
     assert (attempt["smtp_code"], attempt["error_code"]) == (535, "auth_failed")
     account = (await client.get(f"/v1/accounts/{account_id}")).json()
     assert account["smtp_status"] == "auth_failed"
+    status = account["smtp_pause"]
+    assert status["code"] == "auth_failed"
+    assert status["detail"] == (
+        "the SMTP server answered 535 5.7.8 Authentication credentials invalid to AUTH"
+    )
+    assert status["since"] == account["smtp_auth_failed_at"] is not None
 
     # While paused, new mail waits and nothing is tried.
     second = await send(client, account_id)
@@ -349,7 +355,9 @@ async def test_wrong_password_pauses_the_account_until_it_is_updated(
         f"/v1/accounts/{account_id}",
         json={"outgoing": {"username": "alice", "password": "correct horse battery staple"}},
     )
-    assert response.status_code == 200 and response.json()["smtp_status"] == "ok"
+    assert response.status_code == 200
+    assert response.json()["smtp_status"] == "ok"
+    assert response.json()["smtp_pause"] is None
     for message in (first, second):
         done = await wait_status(client, account_id, message["id"])
         assert done["status"] == "sent", done
@@ -376,7 +384,9 @@ async def test_one_session_carries_many_messages(
 async def test_accounts_are_delivered_concurrently(
     client_factory: ClientFactory, smtp_sink_factory: Any, smtpd: SMTPDServer
 ) -> None:
-    client = await client_factory(smtp_concurrency=2)
+    # One tenant's accounts: its share of the sessions must let both run at once (two
+    # tenants are configured here, so the default share would be one session).
+    client = await client_factory(smtp_concurrency=2, smtp_sessions_per_tenant=2)
     # A server that takes 2 s to answer each final dot must not hold up another account.
     slow: SmtpSink = smtp_sink_factory(delay={".": 2})
     slow_account = await create_account(client, slow)

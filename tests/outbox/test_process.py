@@ -141,6 +141,11 @@ def test_sigkill_while_in_flight_sends_again_with_the_same_message_id(
     proc, base = running()
     done = wait_status(base, account_id, accepted["id"], "sent", "failed")
     assert done["status"] == "sent", done
+    # The attempt the crash cut short is on record, dated when it began.
+    interrupted, sent = done["attempts"]
+    assert (interrupted["outcome"], interrupted["error_code"]) == ("interrupted", "interrupted")
+    assert interrupted["at"] is not None and interrupted["at"] <= sent["at"]
+    assert (sent["outcome"], sent["smtp_code"]) == ("sent", 250)
     stop(proc)
     # At least once, never lost: the server got it again, and it is the same message.
     copies = sink.messages()
@@ -169,3 +174,74 @@ def test_sigterm_lets_a_send_in_progress_finish(
     time.sleep(1)
     stop(proc)
     assert len(sink.messages()) == 1
+
+
+def test_sigterm_past_the_grace_period_records_the_interrupted_attempt(
+    running: Callable[[], tuple[Any, str]], smtp_sink_factory: Any
+) -> None:
+    # The server has the data and answers the final dot only after 60 s: longer than
+    # the shutdown grace (10 s), so the stop cuts the send short.
+    sink: SmtpSink = smtp_sink_factory(delay={".": 60}, dump=True)
+    proc, base = running()
+    account_id = create_account(base, sink)
+    accepted = send(base, account_id)
+    wait_dumped(sink, 1)
+    out = stop(proc)
+    assert "did not finish" in out
+    assert "message deferred" in out and "code=interrupted" in out
+
+    proc, base = running()
+    body = httpx.get(
+        f"{base}/v1/accounts/{account_id}/outbox/{accepted['id']}", headers=HEADERS
+    ).json()
+    # Queued again (it is being sent anew, or about to be) with the trace of the cut.
+    interrupted = body["attempts"][0]
+    assert (interrupted["outcome"], interrupted["error_code"]) == ("interrupted", "interrupted")
+    assert body["status"] in ("queued", "sending"), body
+    kill(proc)
+
+
+def test_a_pause_is_stored_across_a_restart_and_a_patch_ends_it(
+    running: Callable[[], tuple[Any, str]], smtp_sink_factory: Any
+) -> None:
+    # The server refuses EHLO and HELO: a configuration error, not worth five days of
+    # retries. The pause must survive a restart (no new attempt after it).
+    refusing: SmtpSink = smtp_sink_factory(hard_reject=["EHLO", "HELO"])
+    proc, base = running()
+    account_id = create_account(base, refusing)
+    accepted = send(base, account_id)
+    account_url = f"{base}/v1/accounts/{account_id}"
+    account = wait_paused(account_url)
+    assert account["smtp_status"] == "rejected"
+    out = stop(proc)
+    assert "account paused" in out and f"account_id={account_id}" in out
+
+    proc, base = running()
+    account_url = f"{base}/v1/accounts/{account_id}"
+    account = httpx.get(account_url, headers=HEADERS).json()
+    assert account["smtp_status"] != "ok"
+    assert account["smtp_status"] == "rejected"
+    time.sleep(1.0)  # longer than the retry schedule: nothing may be tried meanwhile
+    waiting = httpx.get(f"{account_url}/outbox/{accepted['id']}", headers=HEADERS).json()
+    assert waiting["status"] == "deferred" and waiting["next_attempt_at"] is None
+    assert len(waiting["attempts"]) == 1
+
+    healthy: SmtpSink = smtp_sink_factory(dump=True)
+    response = httpx.patch(account_url, json={"outgoing": {"port": healthy.port}}, headers=HEADERS)
+    assert response.status_code == 200
+    assert response.json()["smtp_status"] == "ok"
+    done = wait_status(base, account_id, accepted["id"], "sent", "failed")
+    assert done["status"] == "sent", done
+    out = stop(proc)
+    assert "account resumed" in out and "message sent" in out
+    assert len(healthy.messages()) == 1
+
+
+def wait_paused(account_url: str) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for _ in range(int(WAIT_S / POLL_S)):
+        body = httpx.get(account_url, headers=HEADERS).json()
+        if body["smtp_status"] != "ok":
+            return body
+        time.sleep(POLL_S)
+    raise AssertionError(f"the account was never paused: {body}")

@@ -17,6 +17,7 @@ from service.pop3 import (
     InvalidArgument,
     LineTooLong,
     LocalProtocolError,
+    MailboxLocked,
     MessageTooLarge,
     POP3Client,
     POP3ConnectError,
@@ -56,8 +57,10 @@ def messages(count: int, size: int = 300) -> list[bytes]:
     ("error", "code", "bases"),
     [
         (pop3_errors.POP3ConnectError, "connect_failed", (ConnectionError,)),
-        (pop3_errors.TLSHandshakeError, "connect_failed", (ConnectionError,)),
+        (pop3_errors.TLSHandshakeError, "tls_failed", (ConnectionError,)),
         (pop3_errors.POP3TimeoutError, "timeout", (TimeoutError,)),
+        (pop3_errors.SessionDeadlineExceeded, "timeout", (POP3TimeoutError,)),
+        (pop3_errors.TransferTooSlow, "timeout", (POP3TimeoutError,)),
         (pop3_errors.POP3ConnectionLost, "connection_lost", (ConnectionError,)),
         (pop3_errors.TLSRequired, "tls_required", ()),
         (pop3_errors.TLSCertificateInvalid, "tls_certificate_invalid", ()),
@@ -69,6 +72,8 @@ def messages(count: int, size: int = 300) -> list[bytes]:
         (pop3_errors.MessageTooLarge, "message_too_large", ()),
         (pop3_errors.CommandRejected, "command_rejected", ()),
         (pop3_errors.AuthFailed, "auth_failed", (CommandRejected,)),
+        (pop3_errors.PlaintextLoginRefused, "tls_required", (AuthFailed,)),
+        (pop3_errors.MailboxLocked, "mailbox_locked", (AuthFailed,)),
         (pop3_errors.UpdateFailed, "update_failed", (CommandRejected,)),
     ],
 )
@@ -206,7 +211,9 @@ async def test_plaintext_on_a_tls_port_is_a_typed_error(
     server = await serve(MiniPOP3())  # answers in clear
     with pytest.raises(POP3ConnectError) as caught:
         await client(server.port, Security.TLS, ca_file=fault_tls.ca_file).connect()
-    assert caught.value.code == "connect_failed"
+    assert caught.value.code == "tls_failed"  # the same code as SMTP's
+    assert "set security to starttls" in caught.value.detail
+    assert "POP3Client" not in caught.value.detail
 
 
 # Authentication ------------------------------------------------------------------------
@@ -273,13 +280,57 @@ async def test_extra_sasl_challenge_is_cancelled(serve: StartServer) -> None:
     assert server.session.lines[2] == b"*"
 
 
-async def test_locked_mailbox_is_a_temporary_auth_failure(serve: StartServer) -> None:
+async def test_locked_mailbox_is_a_temporary_mailbox_locked(serve: StartServer) -> None:
     server = await serve(MiniPOP3(replies={"PASS": b"-ERR [IN-USE] mailbox locked\r\n"}))
+    async with client(server.port) as pop:
+        with pytest.raises(MailboxLocked) as caught:
+            await pop.login("alice", "secret")
+    assert caught.value.code == "mailbox_locked"
+    assert caught.value.response_code == "IN-USE" and caught.value.temporary
+    assert caught.value.detail == ("the POP3 server answered -ERR to PASS: [IN-USE] mailbox locked")
+
+
+@pytest.mark.parametrize(
+    ("verb", "reply", "code"),
+    [
+        # Dovecot's own words (disable_plaintext_auth), at USER
+        (
+            "USER",
+            b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS)"
+            b" connections.\r\n",
+            "tls_required",
+        ),
+        ("PASS", b"-ERR [SYS/PERM] TLS required for login\r\n", "tls_required"),
+        ("USER", b"-ERR Use STLS first\r\n", "tls_required"),
+        ("PASS", b"-ERR [AUTH] Authentication failed.\r\n", "auth_failed"),
+        ("PASS", b"-ERR [SYS/TEMP] try later\r\n", "auth_failed"),
+        ("PASS", b"-ERR Unable to lock maildrop: in use by another session\r\n", "mailbox_locked"),
+    ],
+)
+async def test_login_refusals_are_classified_by_the_server_text(
+    serve: StartServer, verb: str, reply: bytes, code: str
+) -> None:
+    server = await serve(MiniPOP3(replies={verb: reply}))
     async with client(server.port) as pop:
         with pytest.raises(AuthFailed) as caught:
             await pop.login("alice", "secret")
+    assert caught.value.code == code
+    text = reply.decode().removeprefix("-ERR ").strip()
+    assert caught.value.detail == f"the POP3 server answered -ERR to {verb}: {text}"
+    if verb == "USER":
+        assert "PASS" not in server.commands()  # the password never left
+
+
+async def test_tls_words_on_an_encrypted_connection_are_plain_auth_failures(
+    serve: StartServer, fault_tls: FaultTLS
+) -> None:
+    # Over TLS "TLS required" cannot be the reason: it stays auth_failed.
+    mini = MiniPOP3(replies={"PASS": b"-ERR [AUTH] TLS required\r\n"})
+    server = await serve(mini, ssl_context=fault_tls.server_context)
+    async with client(server.port, Security.TLS, ca_file=fault_tls.ca_file) as pop:
+        with pytest.raises(AuthFailed) as caught:
+            await pop.login("alice", "secret")
     assert caught.value.code == "auth_failed"
-    assert caught.value.response_code == "IN-USE" and caught.value.temporary
 
 
 async def test_login_delay_is_exposed(serve: StartServer) -> None:

@@ -67,7 +67,7 @@ async def wait_done(
     url = f"/v1/accounts/{account_id}/retrievals/{retrieval_id}"
     for _ in range(WAIT_S * 20):
         body = dict((await client.get(url)).json())
-        if body["status"] in ("succeeded", "failed"):
+        if body["status"] in ("succeeded", "failed", "cancelled"):
             return body
         await asyncio.sleep(0.05)
     raise AssertionError(f"retrieval {retrieval_id} did not end: {body}")

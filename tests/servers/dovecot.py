@@ -183,7 +183,16 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _config(directory: Path, *, ssl: str, pop3_port: int, pop3s_port: int | None, uid: int) -> str:
+def _config(
+    directory: Path,
+    *,
+    ssl: str,
+    pop3_port: int,
+    pop3s_port: int | None,
+    uid: int,
+    listen: str = "127.0.0.1",
+    plaintext_auth: bool = True,
+) -> str:
     d = directory
     tls = ""
     if ssl != "no":
@@ -196,9 +205,9 @@ base_dir = {d}/run
 state_dir = {d}/state
 log_path = {d}/dovecot.log
 protocols = pop3
-listen = 127.0.0.1
+listen = {listen}
 ssl = {ssl}
-{tls}disable_plaintext_auth = no
+{tls}disable_plaintext_auth = {"no" if plaintext_auth else "yes"}
 auth_mechanisms = plain login
 auth_failure_delay = 0
 default_internal_user = dovecot
@@ -239,7 +248,13 @@ def _greets(host: str, port: int) -> bool:
         return False
 
 
-def _start(directory: Path, ca: trustme.CA, ssl: str) -> Dovecot:
+def _start(
+    directory: Path,
+    ca: trustme.CA,
+    ssl: str,
+    listen: str = "127.0.0.1",
+    plaintext_auth: bool = True,
+) -> Dovecot:
     binary = _dovecot_binary()
     vmail = ensure_vmail_user()
     for sub in ("run", "state", "mail"):
@@ -257,7 +272,15 @@ def _start(directory: Path, ca: trustme.CA, ssl: str) -> Dovecot:
     pop3s_port = _free_port() if ssl != "no" else None
     config = directory / "dovecot.conf"
     config.write_text(
-        _config(directory, ssl=ssl, pop3_port=pop3_port, pop3s_port=pop3s_port, uid=vmail.pw_uid)
+        _config(
+            directory,
+            ssl=ssl,
+            pop3_port=pop3_port,
+            pop3s_port=pop3s_port,
+            uid=vmail.pw_uid,
+            listen=listen,
+            plaintext_auth=plaintext_auth,
+        )
     )
     with open(directory / "stderr.log", "wb") as stderr:
         # -F: stay in the foreground as our child, so it is stopped by its own pid.
@@ -279,8 +302,18 @@ def _start(directory: Path, ca: trustme.CA, ssl: str) -> Dovecot:
 
 
 @contextlib.contextmanager
-def running_dovecot(*, ssl: str = "yes", ca: trustme.CA | None = None) -> Iterator[Dovecot]:
+def running_dovecot(
+    *,
+    ssl: str = "yes",
+    ca: trustme.CA | None = None,
+    listen: str = "127.0.0.1",
+    plaintext_auth: bool = True,
+) -> Iterator[Dovecot]:
     """Start Dovecot (``ssl``: ``yes``, ``required`` or ``no``) in a temporary directory.
+
+    ``listen`` takes Dovecot's syntax (``"127.0.0.1, 127.0.0.2"``); with
+    ``plaintext_auth=False`` it refuses logins before TLS on connections it does not
+    consider secure (from 127.0.0.1 to 127.0.0.2, but not from 127.0.0.1 to itself).
 
     The directory is world-traversable (Dovecot's unprivileged processes must reach it),
     so it is made with ``tempfile`` rather than pytest's private ``tmp_path``.
@@ -291,7 +324,7 @@ def running_dovecot(*, ssl: str = "yes", ca: trustme.CA | None = None) -> Iterat
         attempts = 3  # a free port can be taken between probing and Dovecot's bind
         for attempt in range(attempts):
             try:
-                server = _start(directory, ca or trustme.CA(), ssl)
+                server = _start(directory, ca or trustme.CA(), ssl, listen, plaintext_auth)
                 break
             except DovecotUnavailable:
                 if attempt == attempts - 1 or not (directory / "dovecot.conf").exists():

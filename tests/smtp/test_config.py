@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from service.codes import ErrorCode
 from service.domain.enums import Security
 from service.smtp import (
     DEFAULT_TIMEOUTS,
@@ -99,5 +100,30 @@ def test_error_hierarchy_and_verdicts() -> None:
 
     refused = SMTPAllRecipientsRefused(E.REJECTED, "all", stage=SMTPStage.RCPT, smtp_code=550)
     assert isinstance(refused, SMTPReplyError) and refused.recipients == ()
-    assert str(refused) == "rejected at rcpt: all (550)"
-    assert str(busy_login) == "auth_failed at auth: later (454)"
+    # Texts for callers speak of the server and the step, not of the code.
+    assert (
+        str(refused)
+        == "the SMTP server refused every recipient; its last answer to RCPT TO was 550"
+    )
+    assert str(busy_login) == "the SMTP server answered 454 to AUTH"
+    assert str(bad_login) == "the SMTP server answered 535 to AUTH"
+    refused_login = SMTPAuthError(
+        E.AUTH_FAILED,
+        "the SMTP server refused the credentials",
+        stage=SMTPStage.AUTH,
+        smtp_code=535,
+        smtp_message="5.7.8 Authentication\n credentials invalid",
+    )
+    assert str(refused_login) == (
+        "the SMTP server answered 535 5.7.8 Authentication credentials invalid to AUTH"
+    )
+    assert str(stripped) == "no STARTTLS"  # no reply: the detail, as written
+    greeting = SMTPReplyError(
+        E.REJECTED, "x", stage=SMTPStage.GREETING, smtp_code=554, smtp_message="go away"
+    )
+    assert str(greeting) == "the SMTP server greeted with 554 go away"
+    # A refused EHLO (after HELO too) is about the account, not the message.
+    ehlo = SMTPReplyError(E.REJECTED, "x", stage=SMTPStage.EHLO, smtp_code=550, account_level=True)
+    assert ehlo.account_level and not ehlo.transient
+    # Every code is a member of the one catalogue.
+    assert all(isinstance(code, ErrorCode) for code in E)
