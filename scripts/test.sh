@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 command -v dovecot >/dev/null 2>&1 || need_pkgs+=(dovecot-pop3d)
 command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need_pkgs+=(postfix)
+# PostgreSQL for the store tests: unless a server is given (MAILROOM_TEST_POSTGRES) or one
+# answers on 127.0.0.1:5432, the suite starts a throw-away cluster and needs the binaries.
+if [ -z "${MAILROOM_TEST_POSTGRES:-}" ] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
+    && ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+    need_pkgs+=(postgresql)
+fi
 if [ "${#need_pkgs[@]}" -gt 0 ]; then
     echo "== installing Debian packages: ${need_pkgs[*]}"
     SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -25,6 +31,9 @@ echo "== mypy (strict, service/)"
 .venv/bin/mypy
 echo "== pytest"
 .venv/bin/python -m pytest "$@"
+echo "== pytest, the app-level suites on PostgreSQL (MAILROOM_TEST_STORE=postgres)"
+MAILROOM_TEST_STORE=postgres .venv/bin/python -m pytest \
+    tests/api tests/outbox tests/retrieval tests/hardening tests/verify
 echo "== container image (Dockerfile built with buildah, run and checked)"
 if [ "$(id -u)" -eq 0 ]; then
     bash scripts/container_test.sh

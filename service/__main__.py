@@ -1,5 +1,8 @@
 """``python -m service``: read the settings and serve with uvicorn (uvloop + httptools).
 
+``python -m service migrate-store --from sqlite:///... --to postgresql://...`` copies a
+SQLite store into an empty PostgreSQL store instead (``service.migrate``).
+
 uvicorn with uvloop and the httptools parser: the fastest pure-wheel ASGI server stack
 here, with proper lifespan support and graceful shutdown on SIGTERM (in-flight requests
 finish, then the lifespan stops the workers).
@@ -19,6 +22,11 @@ GRACEFUL_SHUTDOWN_S = 30
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["migrate-store"]:
+        # Imported only for this command: it loads the PostgreSQL driver.
+        from service.migrate import main as migrate_store
+
+        return migrate_store(sys.argv[2:])
     try:
         settings = Settings.from_env()
     except ConfigError as exc:

@@ -42,18 +42,15 @@ from service.api.problems import (
 from service.api.retrievals import MessageController, RetrievalController
 from service.config import DEFAULT_TENANT, Settings
 from service.crypto import CredentialCipher, load_or_create_keys
+from service.domain.ids import new_id
 from service.domain.retrievals import Retrieval
 from service.errors import ServiceError
 from service.metrics import Metrics, render
 from service.netguard import ConnectionGuard
-from service.repository.accounts import SQLiteAccountRepository
-from service.repository.api_keys import SQLiteApiKeyRepository
-from service.repository.database import Database
-from service.repository.errors import RepositoryError, StorageFullError
-from service.repository.messages import SQLiteMessageRepository
-from service.repository.outbox import SQLiteOutboxRepository
-from service.repository.retrievals import SQLiteRetrievalRepository
-from service.repository.stats import SQLiteStatsRepository
+from service.repository.api_keys import ApiKeyRepository
+from service.repository.errors import RepositoryError, StorageFullError, StoreUnavailableError
+from service.repository.stats import StatsRepository
+from service.repository.store import create_store
 from service.services.accounts import AccountService
 from service.services.connect import MailConnector
 from service.services.delivery import DeliveryPolicy, DeliveryWorker
@@ -99,11 +96,10 @@ def openapi_config() -> OpenAPIConfig:
     )
 
 
-async def _key_ring(settings: Settings, db: Database) -> KeyRing:
+async def _key_ring(settings: Settings, repo: ApiKeyRepository) -> KeyRing:
     """Configured keys, else the stored generated ones; on first start, generate one."""
     if settings.api_keys:
         return KeyRing([(k.tenant, hash_key(k.key)) for k in settings.api_keys])
-    repo = SQLiteApiKeyRepository(db)
     stored = await repo.all()
     if not stored:
         key = GENERATED_KEY_PREFIX + secrets.token_urlsafe(32)
@@ -124,20 +120,22 @@ def create_app(settings: Settings) -> Litestar:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        db = Database(settings.database)
-        app.state.db = db
+        store = create_store(settings)
+        app.state.store = store
+        # The store's own database object, for tests that look inside the store.
+        app.state.db = getattr(store, "db", None)
         app.state.key_ring = None  # 503 until loaded (configured keys: at once)
         if settings.api_keys:
-            app.state.key_ring = await _key_ring(settings, db)
+            app.state.key_ring = await _key_ring(settings, store.api_keys)
 
         async def load_stored_keys() -> None:
-            app.state.key_ring = await _key_ring(settings, db)
+            app.state.key_ring = await _key_ring(settings, store.api_keys)
 
-        # The store may be full: what needs a write waits in the background (below).
-        pending = await _run_startup_steps([("open the database", db.open)])
+        # The store may be full or unreachable: what needs it waits in the background.
+        pending = await _run_startup_steps([("open the database", store.open)])
         try:
             cipher = CredentialCipher(load_or_create_keys(settings))
-            account_repo = SQLiteAccountRepository(db)
+            account_repo = store.accounts
             connector = MailConnector(
                 ConnectionGuard(settings.allowed_networks),
                 ca_file=settings.ca_file,
@@ -150,11 +148,14 @@ def create_app(settings: Settings) -> Litestar:
                 cipher,
                 max_message_bytes=settings.max_message_bytes,
                 host_check=connector.check_account,
-                # Late-bound: the delivery worker is created below.
-                on_outgoing_changed=lambda account_id: delivery.outgoing_changed(account_id),
+                notifier=store.notifier,
             )
-            retrievals = SQLiteRetrievalRepository(db)
-            messages = SQLiteMessageRepository(db)
+            # This process's id on the work it holds (claims and retrievals under a lease).
+            owner = new_id("rep")
+            # A SQLite file has one process: at start, all work left in flight is its own.
+            exclusive = store.kind == "sqlite"
+            retrievals = store.retrievals
+            messages = store.messages
             retrieval = RetrievalService(
                 accounts=accounts,
                 account_repo=account_repo,
@@ -167,11 +168,15 @@ def create_app(settings: Settings) -> Litestar:
                 session_timeout_s=settings.retrieval_timeout_s,
                 min_transfer_rate=settings.min_transfer_rate,
                 on_finished=_retrieval_metrics(metrics),
+                owner=owner,
+                exclusive=exclusive,
+                lease_s=settings.lease_s,
+                notifier=store.notifier,
             )
             scheduler = Scheduler(
                 account_repo, retrievals, retrieval, tick_s=settings.scheduler_interval_s
             )
-            outbox = SQLiteOutboxRepository(db)
+            outbox = store.outbox
             delivery = DeliveryWorker(
                 outbox,
                 accounts,
@@ -184,13 +189,17 @@ def create_app(settings: Settings) -> Litestar:
                     max_sessions_per_tenant=settings.smtp_sessions_tenant_share,
                     attempt_timeout_s=settings.smtp_attempt_timeout_s,
                 ),
+                owner=owner,
+                exclusive=exclusive,
+                lease_s=settings.lease_s,
+                notifier=store.notifier,
                 metrics=metrics,
             )
             app.state.accounts = accounts
             app.state.verifier = AccountVerifier(
                 accounts, connector, timeout_s=settings.verify_timeout_s
             )
-            app.state.stats = SQLiteStatsRepository(db)
+            app.state.stats = store.stats
             app.state.retrievals = retrieval
             app.state.messages = MessageService(accounts, messages)
             app.state.outbox = SendingService(
@@ -202,7 +211,7 @@ def create_app(settings: Settings) -> Litestar:
                     max_send_bytes=settings.max_send_bytes,
                     max_message_age_s=settings.max_message_age_s,
                 ),
-                on_accepted=delivery.notify,
+                notifier=store.notifier,
             )
             app.state.delivery = delivery
             steps: list[StartupStep] = [
@@ -213,6 +222,8 @@ def create_app(settings: Settings) -> Litestar:
             ]
             pending = pending + steps if pending else await _run_startup_steps(steps)
             recovery = asyncio.create_task(_retry_startup_steps(pending), name="startup recovery")
+            # After every subscription above; wake-ups are hints, polling is the fallback.
+            await store.notifier.start()
             scheduler.start()
             try:
                 yield
@@ -225,8 +236,9 @@ def create_app(settings: Settings) -> Litestar:
                 # again before the database closes.
                 await delivery.stop()
                 await retrieval.stop()
+                await store.notifier.stop()
         finally:
-            await db.close()
+            await store.close()
 
     def provide_tenant(request: Request[Any, Any, Any]) -> str:
         tenant: str = request.state.tenant
@@ -240,7 +252,7 @@ def create_app(settings: Settings) -> Litestar:
         tags=["Health"],
     )
     async def get_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-        stats: SQLiteStatsRepository = request.app.state.stats
+        stats: StatsRepository = request.app.state.stats
         metrics.set_outbox_counts(await stats.outbox_by_status())
         body, content_type = render(metrics, request.headers.get("accept"))
         return Response(body, media_type=content_type)
@@ -284,7 +296,8 @@ def create_app(settings: Settings) -> Litestar:
 
 
 async def _run_startup_steps(steps: list[StartupStep]) -> list[StartupStep]:
-    """Run ``steps`` in order until one finds the disk full; return it and those after it.
+    """Run ``steps`` in order until one finds the disk full or the database unreachable;
+    return it and those after it.
 
     Any other failure propagates (the start fails, as it should for a broken setup).
     """
@@ -293,6 +306,9 @@ async def _run_startup_steps(steps: list[StartupStep]) -> list[StartupStep]:
             await step()
         except StorageFullError as exc:
             logger.warning("startup: cannot %s, the disk is full (%s); will retry", what, exc)
+            return steps[index:]
+        except StoreUnavailableError as exc:
+            logger.warning("startup: cannot %s, no database (%s); will retry", what, exc)
             return steps[index:]
     return []
 

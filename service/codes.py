@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     INTERNAL_ERROR = "internal_error"
     UNAVAILABLE = "unavailable"
     STORAGE_FULL = "storage_full"
+    STORAGE_UNAVAILABLE = "storage_unavailable"
     STORAGE_ERROR = "storage_error"
     CREDENTIALS_UNREADABLE = "credentials_unreadable"
     HOST_NOT_ALLOWED = "host_not_allowed"
@@ -100,6 +101,7 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.INTERNAL_ERROR: "500: a bug; it has been logged with the request id",
     ErrorCode.UNAVAILABLE: "503: a dependency is not ready",
     ErrorCode.STORAGE_FULL: "507: the disk is full; nothing was stored (503 on `/ready`)",
+    ErrorCode.STORAGE_UNAVAILABLE: "503: the database cannot be reached; nothing was stored",
     ErrorCode.STORAGE_ERROR: "the message store failed during a retrieval; nothing deleted",
     ErrorCode.CREDENTIALS_UNREADABLE: "stored credentials cannot be decrypted with the keys",
     ErrorCode.HOST_NOT_ALLOWED: "a host resolves into a network the outbound guard refuses",

@@ -26,6 +26,11 @@ SECRET_KEY_BYTES = 32  # AES-256-GCM
 # The window over which ``min_transfer_rate`` is measured: a session that moves fewer than
 # rate x window bytes in any such window while a reply is due is abandoned (``timeout``).
 MIN_RATE_WINDOW_S = 60.0
+# ``MAILROOM_DATABASE``: a path or ``sqlite:///path`` is SQLite, these schemes PostgreSQL.
+SQLITE_PREFIX = "sqlite:///"
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
+StoreKind = Literal["sqlite", "postgres"]
 
 
 class ConfigError(ValueError):
@@ -43,6 +48,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything configurable. Defaults give a working single-machine service."""
 
     database: str = "./data/mailroom.db"
+    db_pool_size: int = 10  # PostgreSQL: connections per process
+    # Seconds a store operation may wait for a connection or a statement before it gives up
+    # (503 ``storage_unavailable``), so an unreachable database never hangs a request.
+    db_timeout_s: float = 10.0
     host: str = "127.0.0.1"
     port: int = 8080
     api_keys: tuple[ApiKey, ...] = ()
@@ -78,6 +87,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retrieval_timeout_s: float = 1800.0  # one whole POP3 session
     smtp_attempt_timeout_s: float = 600.0  # one whole delivery attempt (one message)
     verify_timeout_s: float = 30.0  # "test these settings", both servers
+    # How long a claim on work (an outgoing message being sent, a running retrieval) holds
+    # unless its process renews it (every third of it): how soon another replica takes
+    # over the work of one that died. None: ``service.services.leases.LEASE_S`` (60 s).
+    lease_s: float | None = None
     # A transfer slower than this many bytes per second over MIN_RATE_WINDOW_S is abandoned.
     min_transfer_rate: int = 256
 
@@ -107,8 +120,16 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     max_message_age_s: float = 5 * 24 * 3600
 
     @property
+    def store_kind(self) -> StoreKind:
+        """Which store ``database`` names: ``sqlite`` (a path) or ``postgres`` (a URL)."""
+        return database_kind(self.database)
+
+    @property
     def database_path(self) -> Path:
-        return Path(self.database)
+        """The SQLite file (``sqlite:///`` stripped); only for the SQLite store."""
+        if self.store_kind != "sqlite":
+            raise ConfigError("MAILROOM_DATABASE: a PostgreSQL database has no file path")
+        return Path(self.database.removeprefix(SQLITE_PREFIX))
 
     @property
     def key_file(self) -> Path:
@@ -126,6 +147,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
         kwargs: dict[str, object] = {}
         if (value := get("DATABASE")) is not None:
+            database_kind(value)  # an unknown scheme fails here, at start
             kwargs["database"] = value
         if (value := get("HOST")) is not None:
             kwargs["host"] = value
@@ -178,13 +200,42 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "RETRIEVAL_TIMEOUT": "retrieval_timeout_s",
             "SMTP_ATTEMPT_TIMEOUT": "smtp_attempt_timeout_s",
             "VERIFY_TIMEOUT": "verify_timeout_s",
+            "LEASE_SECONDS": "lease_s",
         }
         for name, field in float_settings.items():
             if (value := get(name)) is not None:
                 kwargs[field] = _float(ENV_PREFIX + name, value, 0.1)
         if (value := get("EHLO_NAME")) is not None:
             kwargs["ehlo_name"] = parse_ehlo_name(value)
-        return cls(**kwargs)  # type: ignore[arg-type]
+        if (value := get("DB_POOL_SIZE")) is not None:
+            kwargs["db_pool_size"] = _int("MAILROOM_DB_POOL_SIZE", value, 1, 1000)
+        if (value := get("DB_TIMEOUT")) is not None:
+            kwargs["db_timeout_s"] = _float("MAILROOM_DB_TIMEOUT", value, 0.1)
+        settings = cls(**kwargs)  # type: ignore[arg-type]
+        if settings.store_kind == "postgres" and not settings.secret_keys:
+            # Replicas must share the credential key, and a key file beside a remote
+            # database would be a different key on every machine.
+            raise ConfigError(
+                "MAILROOM_SECRET_KEY: required with a PostgreSQL database (every replica"
+                " needs the same key)"
+            )
+        return settings
+
+
+def database_kind(value: str) -> StoreKind:
+    """The store a ``MAILROOM_DATABASE`` value names; ``ConfigError`` for another scheme."""
+    match = _SCHEME.match(value)
+    if match is None:
+        return "sqlite"
+    scheme = match.group("scheme").lower()
+    if scheme in POSTGRES_SCHEMES:
+        return "postgres"
+    if value.startswith(SQLITE_PREFIX) and len(value) > len(SQLITE_PREFIX):
+        return "sqlite"
+    raise ConfigError(
+        f"MAILROOM_DATABASE: unsupported scheme {scheme!r}; give a file path,"
+        " sqlite:///path or postgresql://user@host:port/database"
+    )
 
 
 _EHLO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")

@@ -25,13 +25,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start(env_extra: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    """Start the service with ``env_extra`` on a free port; wait for /health.
+def start(
+    env_extra: dict[str, str], *, port: int | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start the service with ``env_extra`` on ``port`` (default: a free one); wait for /health.
 
-    Output goes to a temporary file (a pipe nobody reads could fill and block the
-    service); ``stop`` and ``output`` read it back.
+    A fixed ``port`` restarts a replica where its clients expect it. Output goes to a
+    temporary file (a pipe nobody reads could fill and block the service); ``stop`` and
+    ``output`` read it back.
     """
-    port = free_port()
+    port = free_port() if port is None else port
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAILROOM_")}
     env.update({"MAILROOM_PORT": str(port), **env_extra})
     log = tempfile.TemporaryFile(mode="w+")

@@ -4,7 +4,8 @@
 orchestrator does not restart a service that only waits for disk space. ``/ready`` answers
 503 with a ``code`` while the service cannot take writes: ``storage_full`` while the disk
 is full (only then does the probe try a real small write, so ordinary probes stay cheap
-reads), ``unavailable`` while the store is not open or not migrated.
+reads), ``storage_unavailable`` while the database cannot be reached (the probe is a real
+round trip to it), ``unavailable`` while the store is not open or not migrated.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from litestar.openapi.datastructures import ResponseSpec
 from service import __version__
 from service.api.schemas import Health, Readiness
 from service.codes import ErrorCode
-from service.repository.database import Database
-from service.repository.errors import RepositoryError
+from service.repository.errors import RepositoryError, StoreUnavailableError
+from service.repository.store import Store
 
 
 class HealthController(Controller):
@@ -32,7 +33,8 @@ class HealthController(Controller):
         operation_id="GetReadiness",
         summary="Readiness: the database answers, its migrations are applied, writes fit",
         description="503 with `code` while not ready: `storage_full` (the disk is full;"
-        " each probe tries a small write and answers 200 once it succeeds) or"
+        " each probe tries a small write and answers 200 once it succeeds),"
+        " `storage_unavailable` (the database cannot be reached) or"
         " `unavailable` (the store cannot be opened yet).",
         responses={
             503: ResponseSpec(
@@ -43,19 +45,24 @@ class HealthController(Controller):
         },
     )
     async def ready(self, state: State) -> Response[Readiness]:
-        db: Database = state.db
+        db: Store = state.store
         if db.storage_full:
             try:
                 await db.probe_write()
             except RepositoryError:
                 pass  # still full (or failing): reported below
+        unreachable = False
         try:
-            version = await db.schema_version()
+            version = await db.schema_version()  # a round trip to the database
+        except StoreUnavailableError:
+            version, unreachable = -1, True
         except RepositoryError:
             version = -1
         code: ErrorCode | None = None
         if db.storage_full:
             code = ErrorCode.STORAGE_FULL
+        elif unreachable:
+            code = ErrorCode.STORAGE_UNAVAILABLE
         elif version != db.latest_version:
             code = ErrorCode.UNAVAILABLE
         body = Readiness(

@@ -27,7 +27,12 @@ from litestar.openapi.datastructures import ResponseSpec
 
 from service import errors
 from service.codes import ErrorCode
-from service.repository.errors import DuplicateError, RepositoryError, StorageFullError
+from service.repository.errors import (
+    DuplicateError,
+    RepositoryError,
+    StorageFullError,
+    StoreUnavailableError,
+)
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 logger = logging.getLogger("mailroom.api")
@@ -165,6 +170,15 @@ def repository_error_handler(
         logger.warning("unexpected duplicate: %s", exc)
         return service_error_handler(
             request, errors.Conflict("a conflicting change was made at the same time")
+        )
+    if isinstance(exc, StoreUnavailableError):
+        logger.warning("the database cannot be reached: %s", exc)
+        return service_error_handler(
+            request,
+            errors.Unavailable(
+                "the database cannot be reached: nothing was stored; try again later",
+                code=ErrorCode.STORAGE_UNAVAILABLE,
+            ),
         )
     logger.error("store failed on %s %s: %s", request.method, request.url.path, exc)
     return service_error_handler(

@@ -32,7 +32,12 @@ from typing import Any
 
 import aiosqlite
 
-from service.repository.errors import DuplicateError, RepositoryError, StorageFullError
+from service.repository.errors import (
+    DuplicateError,
+    RepositoryError,
+    SchemaTooNewError,
+    StorageFullError,
+)
 from service.repository.migrations import MIGRATIONS
 
 BUSY_TIMEOUT_MS = 10_000
@@ -152,6 +157,9 @@ class Database:
         except sqlite3.Error as exc:
             await self.close()
             raise self._translate(exc, "cannot open database") from exc
+        except SchemaTooNewError:
+            await self.close()
+            raise
         self._storage_full = False
 
     async def _connect(self) -> aiosqlite.Connection:
@@ -172,6 +180,9 @@ class Database:
     async def _migrate(self, conn: aiosqlite.Connection) -> None:
         row = await (await conn.execute("PRAGMA user_version")).fetchone()
         current = int(row[0]) if row else 0
+        if current > self.latest_version:
+            # Written by a newer Mailroom: its data may mean things this code does not know.
+            raise SchemaTooNewError(current, self.latest_version)
         for version, script in MIGRATIONS:
             if version <= current:
                 continue

@@ -166,9 +166,22 @@ UPDATE accounts SET smtp_pause_code = 'auth_failed',
     WHERE smtp_auth_failed_at IS NOT NULL
 """
 
+V5_LEASES = """
+-- Work shared by processes on one store: a message being sent and a retrieval being run
+-- are held by one process (its owner id) until lease_until; a holder renews its leases
+-- while it works, and work whose lease expired is taken over by whoever notices.
+ALTER TABLE outbox ADD COLUMN claimed_by TEXT;
+ALTER TABLE outbox ADD COLUMN lease_until TEXT;
+ALTER TABLE retrievals ADD COLUMN owner TEXT;
+ALTER TABLE retrievals ADD COLUMN lease_until TEXT;
+-- Whether an account was retrieved after a given time (one scheduled poll per replica set).
+CREATE INDEX retrievals_account_created ON retrievals (account_id, created_at)
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, V1_ACCOUNTS),
     (2, V2_RETRIEVALS),
     (3, V3_OUTBOX),
     (4, V4_SMTP_PAUSE),
+    (5, V5_LEASES),
 ]

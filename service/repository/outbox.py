@@ -11,9 +11,13 @@ Two kinds of writes, two durability levels (DESIGN.md):
   power loss the last of these may roll back, and the worst that does is send a message
   again with the same Message-ID.
 
-A message is taken for delivery by setting its status to ``sending`` (``claim``); a
-process that stops without writing the outcome leaves it there, and the next start puts
-it back in the queue (``recover_interrupted``).
+A message is taken for delivery by setting its status to ``sending`` (``claim``) under a
+lease: ``claimed_by`` names the process (its owner id) and ``lease_until`` how long the
+claim holds unless renewed (``renew``, from the worker's heartbeat). Only one process can
+claim a message (the claim is one statement under the write lock). A process that stops
+without writing the outcome leaves the message ``sending``; once its lease has expired,
+whichever process runs ``recover_expired`` puts it back in the queue (a SQLite process at
+start takes back every ``sending`` row: it is the only process of its file).
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class OutboxRepository(Protocol):
     ) -> Page[OutgoingMessage]: ...
     async def raw(self, account_id: str, outgoing_id: str) -> bytes | None: ...
     async def cancel(self, account_id: str, outgoing_id: str, at: datetime) -> bool: ...
-    async def recover_interrupted(self, at: datetime) -> int: ...
+    async def recover_expired(self, now: datetime, *, everything: bool = False) -> int: ...
     async def interrupt(self, started: Mapping[str, datetime], at: datetime) -> None: ...
     async def due_accounts(
         self, now: datetime, limit: int, *, exclude_tenants: Collection[str] = ()
@@ -104,7 +108,12 @@ class OutboxRepository(Protocol):
     async def next_due(
         self, exclude: Collection[str], *, exclude_tenants: Collection[str] = ()
     ) -> datetime | None: ...
-    async def claim(self, account_id: str, now: datetime, limit: int) -> list[ClaimedMessage]: ...
+    async def claim(
+        self, account_id: str, now: datetime, limit: int, *, owner: str, lease_until: datetime
+    ) -> list[ClaimedMessage]: ...
+    async def renew(
+        self, owner: str, outgoing_ids: Collection[str], lease_until: datetime
+    ) -> int: ...
     async def record(self, outcomes: Sequence[DeliveryOutcome]) -> None: ...
     async def release(self, outgoing_ids: Collection[str], at: datetime) -> None: ...
     async def expire_overdue(self, now: datetime) -> int: ...
@@ -315,37 +324,53 @@ class SQLiteOutboxRepository:
 
     # -- delivery ----------------------------------------------------------------------
 
-    async def recover_interrupted(self, at: datetime) -> int:
-        """At start: messages a stopped process left ``sending`` are due again now.
+    async def recover_expired(self, now: datetime, *, everything: bool = False) -> int:
+        """Messages whose claim expired (their process stopped or lost touch) are due again.
 
-        One of them may have reached the server before the stop: it is sent again, with
-        the same Message-ID (at least once, never lost). Each gets an ``interrupted``
-        attempt dated when it was taken, so its history shows what happened.
+        ``everything``: every ``sending`` message, whatever its lease (a process at start
+        that is the only one on its store). One of them may have reached the server before
+        the stop: it is sent again, with the same Message-ID (at least once, never lost).
+        Each gets an ``interrupted`` attempt dated when it was taken, so its history shows
+        what happened. A row with no lease (claimed before leases existed) counts as expired.
         """
+        expired = "" if everything else " AND (lease_until IS NULL OR lease_until <= ?)"
+        params: tuple[str, ...] = () if everything else (to_text(now),)
+        # Looked for on the reader first: the periodic sweep mostly finds nothing, and then
+        # takes no write lock.
+        found = await self._db.fetch_one(
+            f"SELECT 1 FROM outbox WHERE status = ?{expired} LIMIT 1",
+            (OutgoingStatus.SENDING.value, *params),
+        )
+        if found is None:
+            return 0
         async with self._db.transaction(durable=True) as conn:
+            # Under the write lock, both statements see the same rows.
             await conn.execute(
                 "INSERT INTO outbox_attempts"
                 " (outgoing_id, seq, at, outcome, smtp_code, smtp_message, error_code)"
                 " SELECT o.id, (SELECT count(*) + 1 FROM outbox_attempts a"
                 " WHERE a.outgoing_id = o.id), o.updated_at, ?, NULL, NULL, ?"
-                " FROM outbox o WHERE o.status = ?",
+                f" FROM outbox o WHERE o.status = ?{expired}",
                 (
                     AttemptOutcome.INTERRUPTED.value,
                     ErrorCode.INTERRUPTED.value,
                     OutgoingStatus.SENDING.value,
+                    *params,
                 ),
             )
             cursor = await conn.execute(
                 "UPDATE outbox SET status = CASE WHEN attempt_count = 0 THEN ? ELSE ? END,"
                 " next_attempt_at = ?, updated_at = ?, last_error_code = ?,"
-                " last_error_detail = ? WHERE status = ?",
+                " last_error_detail = ?, claimed_by = NULL, lease_until = NULL"
+                f" WHERE status = ?{expired}",
                 (
                     *_WAITING,
-                    to_text(at),
-                    to_text(at),
+                    to_text(now),
+                    to_text(now),
                     ErrorCode.INTERRUPTED.value,
                     RECOVERED_DETAIL,
                     OutgoingStatus.SENDING.value,
+                    *params,
                 ),
             )
             return cursor.rowcount
@@ -379,7 +404,8 @@ class SQLiteOutboxRepository:
             )
             await conn.execute(
                 "UPDATE outbox SET status = CASE WHEN attempt_count = 0 THEN ? ELSE ? END,"
-                " next_attempt_at = ?, updated_at = ?, last_error_code = ?, last_error_detail = ?"
+                " next_attempt_at = ?, updated_at = ?, last_error_code = ?, last_error_detail = ?,"
+                " claimed_by = NULL, lease_until = NULL"
                 f" WHERE status = ? AND id IN ({', '.join('?' * len(ids))})",
                 (
                     *_WAITING,
@@ -428,15 +454,20 @@ class SQLiteOutboxRepository:
         )
         return None if row is None or row[0] is None else from_text(row[0])
 
-    async def claim(self, account_id: str, now: datetime, limit: int) -> list[ClaimedMessage]:
-        """Take up to ``limit`` due messages of the account (status ``sending``).
+    async def claim(
+        self, account_id: str, now: datetime, limit: int, *, owner: str, lease_until: datetime
+    ) -> list[ClaimedMessage]:
+        """Take up to ``limit`` due messages of the account (status ``sending``) for
+        ``owner``, held until ``lease_until`` unless renewed.
 
+        One statement under the write lock: two owners never take the same message.
         Bodies and recipients are read in the same transaction, so a failure leaves no
         message taken without the worker knowing it.
         """
         async with self._db.transaction() as conn:
             rows = await conn.execute_fetchall(
-                "UPDATE outbox SET status = ?, updated_at = ? WHERE id IN ("
+                "UPDATE outbox SET status = ?, updated_at = ?, claimed_by = ?, lease_until = ?"
+                " WHERE id IN ("
                 " SELECT id FROM outbox WHERE account_id = ? AND status IN (?, ?)"
                 " AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT ?)"
                 " RETURNING id, message_id, mail_from, smtputf8, attempt_count, created_at,"
@@ -444,6 +475,8 @@ class SQLiteOutboxRepository:
                 (
                     OutgoingStatus.SENDING.value,
                     to_text(now),
+                    owner,
+                    to_text(lease_until),
                     account_id,
                     *_WAITING,
                     to_text(now),
@@ -487,6 +520,20 @@ class SQLiteOutboxRepository:
             for row in sorted(rows, key=lambda row: str(row["id"]))
         ]
 
+    async def renew(self, owner: str, outgoing_ids: Collection[str], lease_until: datetime) -> int:
+        """Extend to ``lease_until`` the claims ``owner`` still holds among ``outgoing_ids``;
+        return how many it still holds (a claim that expired and was taken back is not)."""
+        if not outgoing_ids:
+            return 0
+        ids = list(outgoing_ids)
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE outbox SET lease_until = ? WHERE status = ? AND claimed_by = ?"
+                f" AND id IN ({', '.join('?' * len(ids))})",
+                (to_text(lease_until), OutgoingStatus.SENDING.value, owner, *ids),
+            )
+            return cursor.rowcount
+
     async def record(self, outcomes: Sequence[DeliveryOutcome]) -> None:
         """Write the outcomes of delivery work, all in one (non-durable) transaction."""
         if not outcomes:
@@ -495,7 +542,8 @@ class SQLiteOutboxRepository:
             await conn.executemany(
                 "UPDATE outbox SET status = ?, updated_at = ?, next_attempt_at = ?,"
                 " sent_at = coalesce(?, sent_at), attempt_count = attempt_count + ?,"
-                " last_error_code = ?, last_error_detail = ? WHERE id = ?",
+                " last_error_code = ?, last_error_detail = ?, claimed_by = NULL,"
+                " lease_until = NULL WHERE id = ?",
                 [
                     (
                         o.status.value,
@@ -548,7 +596,7 @@ class SQLiteOutboxRepository:
         async with self._db.transaction() as conn:
             await conn.execute(
                 "UPDATE outbox SET status = CASE WHEN attempt_count = 0 THEN ? ELSE ? END,"
-                " next_attempt_at = ?, updated_at = ?"
+                " next_attempt_at = ?, updated_at = ?, claimed_by = NULL, lease_until = NULL"
                 f" WHERE status = ? AND id IN ({', '.join('?' * len(ids))})",
                 (*_WAITING, to_text(at), to_text(at), OutgoingStatus.SENDING.value, *ids),
             )

@@ -1,10 +1,17 @@
-"""Retrieval records: one row per POP3 session's work, progress updated while it runs."""
+"""Retrieval records: one row per POP3 session's work, progress updated while it runs.
+
+An active retrieval (queued or running) is held by one process (``owner``) under a lease
+(``lease_until``) that the process renews while it works. At most one retrieval per
+account is active, whichever process runs it (a partial unique index). A retrieval whose
+lease expired (its process died) is ended ``interrupted`` by whichever process sweeps
+first (``interrupt_expired``).
+"""
 
 from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from datetime import datetime
 from typing import Protocol
 
@@ -24,6 +31,9 @@ _COLUMNS = (
     " messages_skipped, error_code, error_detail"
 )
 ACTIVE = (RetrievalStatus.QUEUED.value, RetrievalStatus.RUNNING.value)
+INTERRUPTED_DETAIL = (
+    "the service stopped during this retrieval; nothing was deleted that was not stored"
+)
 
 
 class LatestRetrieval(msgspec.Struct, frozen=True):
@@ -34,11 +44,19 @@ class LatestRetrieval(msgspec.Struct, frozen=True):
 
 
 class RetrievalRepository(Protocol):
-    async def add(self, retrieval: Retrieval) -> None: ...
+    async def add(
+        self,
+        retrieval: Retrieval,
+        *,
+        owner: str,
+        lease_until: datetime,
+        not_after: datetime | None = None,
+    ) -> bool: ...
     async def get(self, account_id: str, retrieval_id: str) -> Retrieval | None: ...
     async def active(self, account_id: str) -> Retrieval | None: ...
     async def page(self, account_id: str, *, after: str | None, limit: int) -> Page[Retrieval]: ...
     async def count_active(self) -> int: ...
+    async def count_active_for_tenant(self, tenant: str) -> int: ...
     async def latest(self) -> dict[str, LatestRetrieval]: ...
     async def start(self, retrieval_id: str, at: datetime) -> None: ...
     async def progress(self, retrieval_id: str, progress: RetrievalProgress) -> None: ...
@@ -50,22 +68,58 @@ class RetrievalRepository(Protocol):
         progress: RetrievalProgress,
         error: RetrievalError | None,
     ) -> None: ...
-    async def fail_interrupted(self, at: datetime, *, keep: Iterable[str] = ()) -> int: ...
+    async def renew(
+        self, owner: str, retrieval_ids: Collection[str], lease_until: datetime
+    ) -> int: ...
+    async def interrupt_expired(
+        self, now: datetime, *, everything: bool = False, keep: Iterable[str] = ()
+    ) -> int: ...
 
 
 class SQLiteRetrievalRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def add(self, retrieval: Retrieval) -> None:
-        """Insert; ``DuplicateError`` when the account already has an active retrieval."""
+    async def add(
+        self,
+        retrieval: Retrieval,
+        *,
+        owner: str,
+        lease_until: datetime,
+        not_after: datetime | None = None,
+    ) -> bool:
+        """Insert, held by ``owner`` until ``lease_until``; True when inserted.
+
+        ``not_after`` (a scheduled poll): when a retrieval of the account was created
+        after it (another process polled meanwhile), nothing is inserted: False.
+        ``DuplicateError`` when the account already has an active retrieval.
+        """
         r = retrieval
         async with self._db.transaction() as conn:
+            # Checked and inserted under the write lock: no other process can slip a
+            # retrieval in between.
+            if not_after is not None:
+                newer = await conn.execute_fetchall(
+                    "SELECT 1 FROM retrievals WHERE account_id = ? AND created_at > ? LIMIT 1",
+                    (r.account_id, to_text(not_after)),
+                )
+                if newer:
+                    return False
             await conn.execute(
-                "INSERT INTO retrievals (id, account_id, trigger, status, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (r.id, r.account_id, r.trigger.value, r.status.value, to_text(r.created_at)),
+                "INSERT INTO retrievals"
+                " (id, account_id, trigger, status, created_at, owner, lease_until)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    r.id,
+                    r.account_id,
+                    r.trigger.value,
+                    r.status.value,
+                    to_text(r.created_at),
+                    owner,
+                    to_text(lease_until),
+                ),
             )
+        return True
 
     async def get(self, account_id: str, retrieval_id: str) -> Retrieval | None:
         row = await self._db.fetch_one(
@@ -93,6 +147,15 @@ class SQLiteRetrievalRepository:
     async def count_active(self) -> int:
         row = await self._db.fetch_one(
             "SELECT count(*) FROM retrievals WHERE status IN (?, ?)", ACTIVE
+        )
+        return int(row[0]) if row else 0
+
+    async def count_active_for_tenant(self, tenant: str) -> int:
+        """Active retrievals of the tenant's accounts, whichever process runs them."""
+        row = await self._db.fetch_one(
+            "SELECT count(*) FROM retrievals r JOIN accounts a ON a.id = r.account_id"
+            " WHERE a.tenant = ? AND r.status IN (?, ?)",
+            (tenant, *ACTIVE),
         )
         return int(row[0]) if row else 0
 
@@ -132,7 +195,7 @@ class SQLiteRetrievalRepository:
             await update_progress(conn, retrieval_id, progress)
             await conn.execute(
                 "UPDATE retrievals SET status = ?, finished_at = ?, error_code = ?,"
-                " error_detail = ? WHERE id = ?",
+                " error_detail = ?, lease_until = NULL WHERE id = ?",
                 (
                     status.value,
                     to_text(at),
@@ -142,25 +205,54 @@ class SQLiteRetrievalRepository:
                 ),
             )
 
-    async def fail_interrupted(self, at: datetime, *, keep: Iterable[str] = ()) -> int:
-        """At start: retrievals left active by a stopped process end as failed.
+    async def renew(self, owner: str, retrieval_ids: Collection[str], lease_until: datetime) -> int:
+        """Extend to ``lease_until`` the active retrievals ``owner`` still holds among
+        ``retrieval_ids``; return how many it still holds."""
+        if not retrieval_ids:
+            return 0
+        ids = list(retrieval_ids)
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                "UPDATE retrievals SET lease_until = ? WHERE owner = ? AND status IN (?, ?)"
+                f" AND id IN ({', '.join('?' * len(ids))})",
+                (to_text(lease_until), owner, *ACTIVE, *ids),
+            )
+            return cursor.rowcount
 
-        ``keep`` names retrievals this process already runs (when this recovery was
-        delayed, e.g. by a full disk, and triggers came first).
+    async def interrupt_expired(
+        self, now: datetime, *, everything: bool = False, keep: Iterable[str] = ()
+    ) -> int:
+        """End as failed (``interrupted``) the active retrievals whose lease expired: their
+        process stopped, or lost touch with the store for longer than a lease.
+
+        ``everything``: every active retrieval, whatever its lease (a process at start that
+        is the only one on its store). ``keep`` names retrievals this process runs itself
+        (when this sweep was delayed, e.g. by a full disk, and triggers came first). A row
+        with no lease (from before leases existed) counts as expired.
         """
         kept = json.dumps(sorted(keep))
+        expired = "" if everything else " AND (lease_until IS NULL OR lease_until <= ?)"
+        params: tuple[str, ...] = () if everything else (to_text(now),)
+        where = f"status IN (?, ?) AND id NOT IN (SELECT value FROM json_each(?)){expired}"
+        # Looked for on the reader first: the periodic sweep mostly finds nothing, and then
+        # takes no write lock.
+        found = await self._db.fetch_one(
+            f"SELECT 1 FROM retrievals WHERE {where} LIMIT 1", (*ACTIVE, kept, *params)
+        )
+        if found is None:
+            return 0
         async with self._db.transaction() as conn:
             cursor = await conn.execute(
                 "UPDATE retrievals SET status = ?, finished_at = ?, error_code = ?,"
-                " error_detail = 'the service stopped during this retrieval; nothing was"
-                " deleted that was not stored' WHERE status IN (?, ?)"
-                " AND id NOT IN (SELECT value FROM json_each(?))",
+                f" error_detail = ?, lease_until = NULL WHERE {where}",
                 (
                     RetrievalStatus.FAILED.value,
-                    to_text(at),
+                    to_text(now),
                     ErrorCode.INTERRUPTED.value,
+                    INTERRUPTED_DETAIL,
                     *ACTIVE,
                     kept,
+                    *params,
                 ),
             )
             return cursor.rowcount

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from service.repository.database import Database
+
+
+class StatsRepository(Protocol):
+    async def outbox_by_status(self) -> dict[str, int]: ...
 
 
 class SQLiteStatsRepository:

@@ -25,6 +25,7 @@ from service.domain.time import utcnow
 from service.errors import FieldError, Invalid, NotFound, Unavailable
 from service.logs import log_event
 from service.repository.accounts import AccountRepository
+from service.repository.notify import Notifier, Topic
 from service.repository.pages import Page
 
 logger = logging.getLogger("mailroom.accounts")
@@ -60,10 +61,12 @@ class AccountService:
         *,
         max_message_bytes: int,
         host_check: HostCheck = _no_host_check,
-        on_outgoing_changed: Callable[[str], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        """``notifier``: told when an account's outgoing settings change (delivery waiting
+        on them resumes at once, in whichever process delivers)."""
         self._repo = repository
-        self._on_outgoing_changed = on_outgoing_changed
+        self._notifier = notifier
         self._cipher = cipher
         self._max_message_bytes = max_message_bytes
         self._host_check = host_check
@@ -185,10 +188,10 @@ class AccountService:
                     code=current.smtp_pause.code,
                     paused_since=current.smtp_pause.since.isoformat(),
                 )
-            if self._on_outgoing_changed is not None:
+            if self._notifier is not None:
                 # Delivery waiting on this account's settings (a pause, a backoff) resumes
                 # at once.
-                self._on_outgoing_changed(account_id)
+                self._notifier.publish(Topic.OUTGOING, account_id)
         return updated
 
     def _patch_outgoing(

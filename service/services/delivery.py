@@ -40,11 +40,19 @@ timeout, so a server that trickles its replies cannot keep a delivery slot; it e
 transient ``timeout``. One tenant's accounts hold at most ``sessions_per_tenant`` of the
 ``concurrency`` sessions, so a tenant's slow servers never hold up another tenant's mail.
 
-A message in flight when the process dies stays ``sending`` in the store; the next start
-records an ``interrupted`` attempt and makes it due again, so it may be sent twice, always
-with the same Message-ID, and is never lost. On a graceful stop, sends in progress get
-``shutdown_grace_s`` to finish; a send cut short then is recorded ``interrupted`` and
-queued again the same way.
+Several processes may deliver from one store. A message is claimed by one process (its
+``owner`` id) under a lease (``service.services.leases``) that a heartbeat renews while the
+message is being sent and until its outcome is written. A message in flight when the
+process dies stays ``sending`` in the store until its lease expires; then whichever
+process sweeps first (every half lease; a SQLite process also at start, for every
+``sending`` row: it is the only process of its file) records an ``interrupted`` attempt and
+makes it due again. So it may be sent twice, always with the same Message-ID, and is never
+lost. On a graceful stop, sends in progress get ``shutdown_grace_s`` to finish; a send cut
+short then is recorded ``interrupted`` and queued again the same way.
+
+Wake-ups come through the store's notifier (``Topic.OUTBOX`` after a 202, ``Topic.OUTGOING``
+after new outgoing settings), from whichever process took the request; the idle poll
+(``idle_poll_s``) is the fallback.
 
 Each outcome is one INFO event line (``message sent``, ``message deferred``, ``message
 failed``), as are ``account paused`` and ``account resumed`` (the latter is logged by the
@@ -83,9 +91,11 @@ from service.logs import log_event
 from service.metrics import Metrics
 from service.repository.accounts import AccountRepository
 from service.repository.errors import RepositoryError
+from service.repository.notify import Notifier, Topic
 from service.repository.outbox import EXPIRED_CODE, OutboxRepository
 from service.services.accounts import AccountService
 from service.services.connect import ConnectFailure, MailConnector
+from service.services.leases import RENEWALS_PER_LEASE, SWEEPS_PER_LEASE, Periodic, lease_length
 from service.smtp import (
     RcptStatus,
     SendResult,
@@ -183,9 +193,13 @@ class _OutcomeWriter:
         self._on_written = on_written
         self._pending: list[DeliveryOutcome] = []
         self._task: asyncio.Task[None] | None = None
+        # Messages whose outcome is not written yet: still ``sending`` in the store, so
+        # their leases are renewed until it is.
+        self.unwritten: set[str] = set()
 
     def put(self, outcome: DeliveryOutcome) -> None:
         self._pending.append(outcome)
+        self.unwritten.add(outcome.outgoing_id)
         if self._task is None:
             self._task = asyncio.create_task(self._drain(), name="delivery outcomes")
 
@@ -199,7 +213,10 @@ class _OutcomeWriter:
             while self._pending:
                 batch = self._pending[:WRITE_BATCH]
                 del self._pending[:WRITE_BATCH]
-                await self._write(batch)
+                try:
+                    await self._write(batch)
+                finally:
+                    self.unwritten.difference_update(o.outgoing_id for o in batch)
                 self._on_written()
         finally:
             self._task = None
@@ -218,7 +235,8 @@ class _OutcomeWriter:
                     exc,
                 )
                 await asyncio.sleep(WRITE_RETRY_DELAY_S * attempt)
-        # They stay ``sending`` in the store, and are sent again after a restart.
+        # They stay ``sending`` in the store; their leases are no longer renewed, so once
+        # they expire the messages are taken back and sent again (same Message-ID).
         logger.error(
             "gave up recording %d delivery outcome(s): %s",
             len(batch),
@@ -237,11 +255,22 @@ class DeliveryWorker:
         connector: MailConnector,
         *,
         policy: DeliveryPolicy,
+        owner: str,
+        lease_s: float | None = None,
+        exclusive: bool = False,
+        notifier: Notifier | None = None,
         clock: Clock = utcnow,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
     ) -> None:
+        """``owner``: this process's id, on every claim it makes. ``lease_s``: how long a
+        claim holds unless renewed (default ``leases.LEASE_S``). ``exclusive``: the only
+        process on its store (SQLite), so at start every ``sending`` message is taken back,
+        whatever its lease. ``notifier``: wake-ups from the processes that accept mail."""
         self._outbox = outbox
+        self._owner = owner
+        self._lease_s = lease_length(lease_s)
+        self._exclusive = exclusive
         self._metrics = metrics
         self._accounts = accounts
         self._account_repo = account_repo
@@ -262,18 +291,21 @@ class DeliveryWorker:
         self._held: dict[str, datetime] = {}  # transient trouble: not before this time
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
+        self._heartbeat = Periodic(
+            "outbox lease renewal", self._lease_s / RENEWALS_PER_LEASE, self._renew
+        )
+        self._sweep = Periodic(
+            "outbox lease sweep", self._lease_s / SWEEPS_PER_LEASE, self._recover_expired
+        )
+        if notifier is not None:
+            notifier.subscribe(Topic.OUTBOX, self.notify)
+            notifier.subscribe(Topic.OUTGOING, self.outgoing_changed)
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Requeue what a previous process left in flight, then start dispatching."""
-        recovered = await self._outbox.recover_interrupted(self._clock())
-        if recovered:
-            logger.warning(
-                "%d message(s) were being sent when the service stopped; they are queued"
-                " again (a server may receive one twice, with the same Message-ID)",
-                recovered,
-            )
+        """Requeue what a stopped process left in flight, then start dispatching."""
+        await self._recover(everything=self._exclusive)
         ended = await self._account_repo.clear_smtp_pauses(PAUSES_ENDED_BY_RESTART)
         if ended:
             logger.info("%d account(s) paused on this service's configuration resume", ended)
@@ -281,11 +313,36 @@ class DeliveryWorker:
         self._wake.clear()
         self._reclaim.clear()
         self._dispatcher = asyncio.create_task(self._dispatch(), name="delivery dispatcher")
+        self._heartbeat.start()
+        self._sweep.start()
+
+    async def _recover(self, *, everything: bool = False) -> int:
+        recovered = await self._outbox.recover_expired(self._clock(), everything=everything)
+        if recovered:
+            logger.warning(
+                "%d message(s) were being sent by a process that stopped; they are queued"
+                " again (a server may receive one twice, with the same Message-ID)",
+                recovered,
+            )
+            self._wake.set()
+        return recovered
+
+    async def _recover_expired(self) -> None:
+        await self._recover()
+
+    async def _renew(self) -> None:
+        """Renew the leases of every message this process holds (being sent, or sent and
+        its outcome not yet written)."""
+        held = self._claimed | self._writer.unwritten
+        if held:
+            lease_until = self._clock() + timedelta(seconds=self._lease_s)
+            await self._outbox.renew(self._owner, held, lease_until)
 
     async def stop(self) -> None:
         """Stop taking work; let sends in progress finish within the grace period, then
         cancel the rest and put their messages back in the queue."""
         self._stopping = True
+        await self._sweep.stop()
         self._wake.set()
         self._reclaim.set()
         for event in self._account_events.values():
@@ -308,10 +365,14 @@ class DeliveryWorker:
                     len(late),
                     self._policy.shutdown_grace_s,
                 )
-        await self._writer.flush()
-        if self._claimed:
-            await self._outbox.release(set(self._claimed), self._clock())
-            self._claimed.clear()
+        try:
+            await self._writer.flush()
+            if self._claimed:
+                await self._outbox.release(set(self._claimed), self._clock())
+                self._claimed.clear()
+        finally:
+            # Only now: the sends given their grace period held their leases until the end.
+            await self._heartbeat.stop()
 
     def notify(self, account_id: str | None = None) -> None:
         """New mail was committed (for ``account_id``): look at the outbox now."""
@@ -481,7 +542,7 @@ class DeliveryWorker:
                 # Cancelled mid-transaction (shutdown grace ran out): a QUIT now would
                 # land inside the message data, so drop the connection instead; the
                 # server discards a message that never got its final dot.
-                session._abort()
+                session.abort()
                 session = None
             raise
         finally:
@@ -492,7 +553,14 @@ class DeliveryWorker:
     async def _claim(self, account_id: str) -> list[ClaimedMessage]:
         if self._stopping or account_id in self._held:
             return []  # another session of the account just found it unusable
-        claimed = await self._outbox.claim(account_id, self._clock(), self._policy.claim_batch)
+        now = self._clock()
+        claimed = await self._outbox.claim(
+            account_id,
+            now,
+            self._policy.claim_batch,
+            owner=self._owner,
+            lease_until=now + timedelta(seconds=self._lease_s),
+        )
         self._claimed.update(m.id for m in claimed)
         return claimed
 
@@ -610,7 +678,7 @@ class DeliveryWorker:
                 raise
         # The session dropped the connection when the deadline cancelled it mid-command;
         # make sure: a transaction cut short cannot go on on this connection.
-        session._abort()
+        session.abort()
         stage = session.stage
         exc = SMTPTimedOut(
             ErrorCode.TIMEOUT,

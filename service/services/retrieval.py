@@ -8,7 +8,18 @@ Rules (DESIGN.md, "no mail is ever lost"):
 - messages over the account's cap are recorded as skipped and never deleted.
 
 Runs in background tasks owned by ``RetrievalService`` (started and stopped in the app's
-lifespan); never two at once for one account (a unique index in the store enforces it).
+lifespan); never two at once for one account, whichever process runs it (a unique index in
+the store enforces it).
+
+Several processes may share one store. A retrieval is held by the process that runs it (its
+``owner`` id) under a lease its heartbeat renews (``service.services.leases``); a process
+that dies leaves a lease that expires, and whichever process sweeps first (every half
+lease; a SQLite process also at start, for every active row: it is the only process of its
+file) ends the retrieval ``interrupted``. Nothing is lost: what was committed stays, and
+nothing was deleted that was not. A tenant's share of retrieval slots is counted in the
+store, across processes (best effort: two processes may each take the last slot at the
+same moment); the global ``max_concurrent`` is per process. A cancel that reaches a process
+other than the one running the retrieval is passed on through the store's notifier.
 
 Limits: a whole session has a deadline (``retrieval_timeout_s``) and a minimum transfer
 rate, both enforced by the POP3 client while it waits for the server (so never in the
@@ -52,10 +63,12 @@ from service.pop3.errors import MessageTooLarge, POP3Error, POP3TimeoutError
 from service.repository.accounts import AccountRepository
 from service.repository.errors import DuplicateError, RepositoryError
 from service.repository.messages import KnownUidl, MessageRepository
+from service.repository.notify import Notifier, Topic
 from service.repository.pages import Page
 from service.repository.retrievals import RetrievalRepository
 from service.services.accounts import AccountService
 from service.services.connect import ConnectFailure, MailConnector
+from service.services.leases import RENEWALS_PER_LEASE, SWEEPS_PER_LEASE, Periodic, lease_length
 
 logger = logging.getLogger("mailroom.retrieval")
 
@@ -66,6 +79,8 @@ BATCH_BYTES = 8 * 1024 * 1024
 SECONDS_PER_DAY = 86_400
 #: How long a cancel request waits for the retrieval to stop before answering anyway.
 CANCEL_WAIT_S = 30.0
+#: How often a cancel passed on to another process looks whether the retrieval ended.
+CANCEL_POLL_S = 0.25
 #: Pauses between attempts to record the end of a retrieval when the store refused it
 #: (a full disk); the last one repeats until it is recorded or the service stops.
 FINISH_RETRY_DELAYS_S = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
@@ -81,18 +96,22 @@ class _Outcome(msgspec.Struct, frozen=True, kw_only=True):
     finished_at: datetime
     progress: RetrievalProgress
     error: RetrievalError | None
+    tenant: str | None = None  # whose slot it held (counted until the end is recorded)
 
 
 class _Slot:
     """A retrieval slot held by one tenant: reserved at trigger, freed when its task ends."""
 
-    __slots__ = ("account_id", "run", "task", "tenant")
+    __slots__ = ("account_id", "inserted", "run", "task", "tenant")
 
     def __init__(self, tenant: str, account_id: str) -> None:
         self.tenant = tenant
         self.account_id = account_id
         self.task: asyncio.Task[None] | None = None
         self.run: _Run | None = None
+        # Its row may be in the store (set just before the insert): counted there, and
+        # its lease renewed.
+        self.inserted = False
 
 
 class _Cancelled(Exception):
@@ -117,7 +136,20 @@ class RetrievalService:
         min_transfer_rate: int = 0,
         rate_window_s: float = MIN_RATE_WINDOW_S,
         on_finished: RetrievalObserver | None = None,
+        owner: str,
+        lease_s: float | None = None,
+        exclusive: bool = False,
+        notifier: Notifier | None = None,
     ) -> None:
+        """``owner``: this process's id, on every retrieval it runs. ``lease_s``: how long
+        a retrieval is held unless renewed (default ``leases.LEASE_S``). ``exclusive``: the
+        only process on its store (SQLite), so at start every active retrieval is ended,
+        whatever its lease, and an active row no task of this process runs is an orphan.
+        ``notifier``: cancels passed on between processes."""
+        self._owner = owner
+        self._lease_s = lease_length(lease_s)
+        self._exclusive = exclusive
+        self._notifier = notifier
         self._accounts = accounts
         self._account_repo = account_repo
         self._retrievals = retrievals
@@ -137,12 +169,41 @@ class RetrievalService:
         self._unrecorded: dict[str, _Outcome] = {}
         self._recorders: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._heartbeat = Periodic(
+            "retrieval lease renewal", self._lease_s / RENEWALS_PER_LEASE, self._renew
+        )
+        self._sweep = Periodic(
+            "retrieval lease sweep", self._lease_s / SWEEPS_PER_LEASE, self._interrupt_expired
+        )
+        if notifier is not None:
+            notifier.subscribe(Topic.RETRIEVAL_CANCEL, self._cancel_requested)
 
     async def start(self) -> None:
-        """Close out retrievals a previous process left running."""
-        count = await self._retrievals.fail_interrupted(utcnow(), keep=list(self._slots))
+        """Close out retrievals a stopped process left running; renew this process's
+        leases and sweep for expired ones from now on."""
+        # Started first: triggers may come before this recovery succeeds (a full disk).
+        self._heartbeat.start()
+        self._sweep.start()
+        await self._interrupt_expired(everything=self._exclusive)
+
+    async def _interrupt_expired(self, *, everything: bool = False) -> None:
+        count = await self._retrievals.interrupt_expired(
+            utcnow(), everything=everything, keep=list(self._slots)
+        )
         if count:
-            logger.warning("marked %d interrupted retrieval(s) as failed", count)
+            logger.warning(
+                "marked %d retrieval(s) of a stopped process as failed (interrupted)", count
+            )
+
+    def _lease_until(self) -> datetime:
+        return utcnow() + timedelta(seconds=self._lease_s)
+
+    async def _renew(self) -> None:
+        """Renew the leases of the retrievals this process runs (or has ended without its
+        end recorded yet: no other process should end them meanwhile)."""
+        held = {i for i, slot in self._slots.items() if slot.inserted} | set(self._unrecorded)
+        if held:
+            await self._retrievals.renew(self._owner, held, self._lease_until())
 
     async def stop(self) -> None:
         """Cancel running retrievals: their sessions close without QUIT (nothing deleted).
@@ -150,6 +211,7 @@ class RetrievalService:
         Ends not yet recorded stay unrecorded: the next start fails them as interrupted.
         """
         self._stopping = True
+        await self._sweep.stop()
         for recorder in list(self._recorders):
             recorder.cancel()
         await asyncio.gather(*self._recorders, return_exceptions=True)
@@ -159,29 +221,43 @@ class RetrievalService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._heartbeat.stop()
 
     async def trigger(
         self, tenant: str, account_id: str, trigger: RetrievalTrigger = RetrievalTrigger.API
     ) -> Retrieval:
         """Create a queued retrieval and start it; 409 if one is active for the account."""
         account = await self._accounts.get(tenant, account_id)
-        return await self._trigger(account, trigger)
+        retrieval = await self._trigger(account, trigger)
+        if retrieval is None:  # only a scheduled trigger (``not_after``) is ever skipped
+            raise Conflict(
+                "a retrieval was just made for this account", code=ErrorCode.RETRIEVAL_RUNNING
+            )
+        return retrieval
 
-    async def trigger_scheduled(self, account: Account) -> Retrieval | None:
-        """The scheduler's trigger: silently skipped when busy."""
+    async def trigger_scheduled(
+        self, account: Account, *, not_after: datetime | None = None
+    ) -> Retrieval | None:
+        """The scheduler's trigger: silently skipped when busy, and when a retrieval of
+        the account was created after ``not_after`` (another process polled it)."""
         try:
-            return await self._trigger(account, RetrievalTrigger.SCHEDULE)
+            return await self._trigger(account, RetrievalTrigger.SCHEDULE, not_after=not_after)
         except (Conflict, TooManyRequests):
             return None
 
-    async def _trigger(self, account: Account, trigger: RetrievalTrigger) -> Retrieval:
+    def _too_many_for_tenant(self, held: int) -> TooManyRequests:
+        return TooManyRequests(
+            f"this tenant already runs {held} retrievals, its share of the"
+            f" {self._max_concurrent} retrieval slots; try again when one ends",
+            code=ErrorCode.TOO_MANY_RETRIEVALS,
+        )
+
+    async def _trigger(
+        self, account: Account, trigger: RetrievalTrigger, *, not_after: datetime | None = None
+    ) -> Retrieval | None:
         held = sum(1 for slot in self._slots.values() if slot.tenant == account.tenant)
         if held >= self._max_per_tenant:
-            raise TooManyRequests(
-                f"this tenant already runs {held} retrievals, its share of the"
-                f" {self._max_concurrent} retrieval slots; try again when one ends",
-                code=ErrorCode.TOO_MANY_RETRIEVALS,
-            )
+            raise self._too_many_for_tenant(held)
         if len(self._slots) >= self._max_concurrent:
             raise TooManyRequests(
                 f"all {self._max_concurrent} retrieval slots are in use; try again shortly",
@@ -198,9 +274,13 @@ class RetrievalService:
         # waits for the store.
         slot = self._slots[retrieval.id] = _Slot(account.tenant, account.id)
         try:
-            await self._add(retrieval)
+            await self._check_tenant_share(account.tenant)
+            slot.inserted = True
+            if not await self._add(retrieval, not_after=not_after):
+                del self._slots[retrieval.id]
+                return None
         except BaseException:
-            del self._slots[retrieval.id]
+            self._slots.pop(retrieval.id, None)
             raise
         run = slot.run = _Run(self, account, retrieval)
         task = asyncio.create_task(self._run(run), name=f"retrieval {retrieval.id}")
@@ -210,11 +290,24 @@ class RetrievalService:
         task.add_done_callback(lambda _: self._slots.pop(retrieval.id, None))
         return retrieval
 
-    async def _add(self, retrieval: Retrieval) -> None:
-        """Insert the row; an active row no task of this process owns is ended first."""
+    async def _check_tenant_share(self, tenant: str) -> None:
+        """The tenant's share counted across processes: its active retrievals in the store
+        that are not this process's, plus the slots this process holds for it (which
+        include the one being reserved)."""
+        stored = await self._retrievals.count_active_for_tenant(tenant)
+        mine = [slot for slot in self._slots.values() if slot.tenant == tenant]
+        unrecorded = sum(1 for o in self._unrecorded.values() if o.tenant == tenant)
+        others = max(0, stored - sum(1 for slot in mine if slot.inserted) - unrecorded)
+        if others + len(mine) > self._max_per_tenant:
+            raise self._too_many_for_tenant(others + len(mine) - 1)
+
+    async def _add(self, retrieval: Retrieval, *, not_after: datetime | None = None) -> bool:
+        """Insert the row (False: a newer retrieval made a scheduled one pointless); an
+        active row that no process runs any more is ended first."""
         try:
-            await self._retrievals.add(retrieval)
-            return
+            return await self._retrievals.add(
+                retrieval, owner=self._owner, lease_until=self._lease_until(), not_after=not_after
+            )
         except DuplicateError:
             active = await self._retrievals.active(retrieval.account_id)
             if active is None or active.id in self._slots:
@@ -223,14 +316,21 @@ class RetrievalService:
                     code=ErrorCode.RETRIEVAL_RUNNING,
                     resource_id=active.id if active else None,
                 ) from None
-        # Its task is gone (its end could not be recorded): record that end now.
-        await self._record_orphan(active)
+        if self._exclusive or active.id in self._unrecorded:
+            # Its task is gone (its end could not be recorded): record that end now.
+            await self._record_orphan(active)
+        else:
+            # Another process may be running it: ended only if its lease has expired.
+            await self._interrupt_expired()
         try:
-            await self._retrievals.add(retrieval)
+            return await self._retrievals.add(
+                retrieval, owner=self._owner, lease_until=self._lease_until(), not_after=not_after
+            )
         except DuplicateError:
             raise Conflict(
                 "a retrieval is already running for this account",
                 code=ErrorCode.RETRIEVAL_RUNNING,
+                resource_id=active.id,
             ) from None
 
     async def _record_orphan(self, active: Retrieval, *, cancelled: bool = False) -> Retrieval:
@@ -291,7 +391,9 @@ class RetrievalService:
                     code=ErrorCode.RETRIEVAL_FINISHED,
                     resource_id=retrieval_id,
                 )
-            return await self._record_orphan(retrieval, cancelled=True)
+            if self._exclusive:
+                return await self._record_orphan(retrieval, cancelled=True)
+            return await self._cancel_elsewhere(tenant, account_id, retrieval)
         log_event(
             logger,
             "retrieval cancel requested",
@@ -303,6 +405,37 @@ class RetrievalService:
             slot.run.request_cancel(slot.task)
         await asyncio.wait({slot.task}, timeout=CANCEL_WAIT_S)
         return await self.get(tenant, account_id, retrieval_id)
+
+    async def _cancel_elsewhere(
+        self, tenant: str, account_id: str, retrieval: Retrieval
+    ) -> Retrieval:
+        """Cancel a retrieval another process runs: ended here if that process is gone
+        (its lease expired), else passed on to it; wait for the end as for a local one."""
+        await self._interrupt_expired()
+        current = await self.get(tenant, account_id, retrieval.id)
+        if current.status not in ACTIVE_STATUSES or self._notifier is None:
+            return current
+        log_event(
+            logger,
+            "retrieval cancel requested",
+            tenant=tenant,
+            account_id=account_id,
+            retrieval_id=retrieval.id,
+            passed_on=True,
+        )
+        self._notifier.publish(Topic.RETRIEVAL_CANCEL, retrieval.id)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CANCEL_WAIT_S):
+                while current.status in ACTIVE_STATUSES:
+                    await asyncio.sleep(CANCEL_POLL_S)
+                    current = await self.get(tenant, account_id, retrieval.id)
+        return current
+
+    def _cancel_requested(self, retrieval_id: str) -> None:
+        """Another process passed on a cancel: stop the retrieval if this one runs it."""
+        slot = self._slots.get(retrieval_id)
+        if slot is not None and slot.task is not None and slot.run is not None:
+            slot.run.request_cancel(slot.task)
 
     async def get(self, tenant: str, account_id: str, retrieval_id: str) -> Retrieval:
         await self._accounts.get(tenant, account_id)
@@ -381,7 +514,11 @@ class RetrievalService:
     ) -> None:
         retrieval = run.retrieval
         outcome = _Outcome(
-            status=status, finished_at=utcnow(), progress=run.progress(), error=error
+            status=status,
+            finished_at=utcnow(),
+            progress=run.progress(),
+            error=error,
+            tenant=run.account.tenant,
         )
         done = _ended(retrieval, outcome)
         started = retrieval.started_at or retrieval.created_at

@@ -5,6 +5,10 @@ a restart resumes it with no state of its own. The server's LOGIN-DELAY is a flo
 A poll that found the mailbox locked by another session (``mailbox_locked``, temporary) is
 tried again sooner: after :data:`LOCKED_RETRY_S` rather than a whole poll interval. A poll
 that finds the service's or its tenant's retrieval slots full waits for a later tick.
+
+Every process sharing a store runs this schedule; each due poll starts once among them:
+the trigger carries the latest retrieval this tick saw (``not_after``) and the store
+inserts nothing when a newer one exists (another process polled meanwhile).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from service.codes import ErrorCode
 from service.domain.accounts import Account
@@ -26,6 +30,8 @@ logger = logging.getLogger("mailroom.scheduler")
 SECONDS_PER_MINUTE = 60
 #: After ``mailbox_locked``, the next poll comes this soon (unless the interval is shorter).
 LOCKED_RETRY_S = 60.0
+#: ``not_after`` for an account never retrieved: any retrieval of it is newer.
+NEVER = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def poll_interval(account: Account) -> timedelta | None:
@@ -85,7 +91,8 @@ class Scheduler:
             last = latest.get(account.id)
             locked = last is not None and last.error_code == ErrorCode.MAILBOX_LOCKED
             if is_due(account, last.created_at if last else None, now, locked=locked):
-                if await self._service.trigger_scheduled(account) is not None:
+                seen = last.created_at if last else NEVER
+                if await self._service.trigger_scheduled(account, not_after=seen) is not None:
                     triggered += 1
         return triggered
 

@@ -21,7 +21,6 @@ import base64
 import binascii
 import functools
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -49,6 +48,7 @@ from service.mail import (
     parse_address,
 )
 from service.repository.errors import DuplicateError
+from service.repository.notify import Notifier, Topic
 from service.repository.outbox import ExistingKey, OutboxRepository
 from service.repository.pages import Page
 from service.services.accounts import AccountService
@@ -57,9 +57,6 @@ from service.services.accounts import AccountService
 # other request: above this many input bytes it runs in a thread.
 COMPOSE_IN_THREAD_BYTES = 256 * 1024
 OUTGOING_ID_PREFIX = "out"
-
-# Called with an account id once a message of it is committed (wakes the delivery worker).
-AcceptedHook = Callable[[str], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,12 +277,13 @@ class SendingService:
         outbox: OutboxRepository,
         *,
         limits: SendLimits,
-        on_accepted: AcceptedHook | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
+        """``notifier``: told of each committed message, to wake delivery wherever it runs."""
         self._accounts = accounts
         self._outbox = outbox
         self._limits = limits
-        self._on_accepted = on_accepted
+        self._notifier = notifier
 
     async def send(
         self,
@@ -310,8 +308,9 @@ class SendingService:
             raise
         if known is not None:  # the same key was committed concurrently
             return await self._replay(account.id, known, digest)
-        if self._on_accepted is not None:
-            self._on_accepted(account.id)
+        if self._notifier is not None:
+            # Only after the commit: the delivering process must find the message.
+            self._notifier.publish(Topic.OUTBOX, account.id)
         return Accepted(outgoing.as_message(), replayed=False)
 
     async def _prepare(

@@ -236,11 +236,11 @@ class SMTPSession:
         try:
             await self._open()
         except SMTPDeliveryError as exc:
-            self._abort()
+            self.abort()
             self._record_failure(exc)
             raise
         except BaseException:
-            self._abort()
+            self.abort()
             raise
 
     async def close(self) -> None:
@@ -254,7 +254,7 @@ class SMTPSession:
         except (aiosmtplib.SMTPException, OSError):
             pass  # the transaction is over: a failed goodbye changes nothing
         finally:
-            self._abort()
+            self.abort()
 
     @property
     def usable(self) -> bool:
@@ -397,13 +397,13 @@ class SMTPSession:
                 try:
                     await smtp.helo(timeout=self.server.timeouts.command)
                 except (aiosmtplib.SMTPException, OSError) as helo_exc:
-                    self._abort()
+                    self.abort()
                     raise self._translate(helo_exc, stage) from helo_exc
                 return
-            self._abort()
+            self.abort()
             raise self._translate(exc, stage) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
-            self._abort()
+            self.abort()
             raise self._translate(exc, stage) from exc
 
     async def _starttls(self, context: ssl.SSLContext) -> None:
@@ -483,7 +483,7 @@ class SMTPSession:
                     continue  # advertised but not really supported: try the next one
                 break  # a verdict on the credentials: do not offer them again
             except (aiosmtplib.SMTPException, OSError) as exc:
-                self._abort()
+                self.abort()
                 raise self._translate(exc, SMTPStage.AUTH) from exc
             else:
                 self._steps.append(
@@ -492,7 +492,7 @@ class SMTPSession:
                 return
         assert refusal is not None
         if not 400 <= refusal.code < 600:
-            self._abort()  # e.g. 250 to AUTH: whatever this server is, it is not SMTP AUTH
+            self.abort()  # e.g. 250 to AUTH: whatever this server is, it is not SMTP AUTH
             raise SMTPProtocolError(
                 SMTPErrorCode.PROTOCOL_ERROR,
                 "unexpected reply to AUTH",
@@ -502,7 +502,7 @@ class SMTPSession:
                 transient=True,
             ) from refusal
         if refusal.code == REPLY_SERVICE_CLOSING or not smtp.is_connected:
-            self._abort()
+            self.abort()
             raise self._reply_error(
                 SMTPStage.AUTH,
                 SMTPResponse(refusal.code, refusal.message),
@@ -654,7 +654,7 @@ class SMTPSession:
         elif 500 <= reply.code < 600:
             status = RcptStatus.REJECTED
         else:
-            self._abort()  # out of step with the server: the connection cannot be trusted
+            self.abort()  # out of step with the server: the connection cannot be trusted
             raise SMTPProtocolError(
                 SMTPErrorCode.PROTOCOL_ERROR,
                 f"unexpected reply to RCPT for {address}",
@@ -672,7 +672,7 @@ class SMTPSession:
         protocol = smtp.protocol
         timeouts = self.server.timeouts
         if protocol is None:
-            self._abort()
+            self.abort()
             raise SMTPConnectionFailed(
                 SMTPErrorCode.CONNECTION_LOST, "the connection is closed", stage=SMTPStage.MESSAGE
             )
@@ -684,14 +684,14 @@ class SMTPSession:
                 timeout=timeouts.data_block + timeouts.data_termination
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
-            self._abort()
+            self.abort()
             raise self._translate(exc, SMTPStage.MESSAGE) from exc
         except asyncio.CancelledError:
             # The message may have been delivered; a retry resends the same Message-ID.
-            self._abort()
+            self.abort()
             raise
         if reply.code == REPLY_SERVICE_CLOSING:
-            self._abort()
+            self.abort()
         return reply
 
     # -- upkeep -----------------------------------------------------------------------
@@ -704,7 +704,7 @@ class SMTPSession:
         async with self._lock:
             reply = await self._command(SMTPStage.RSET, b"RSET", limit=self.server.timeouts.command)
             if reply.code != REPLY_OK:
-                self._abort()
+                self.abort()
                 raise self._reply_error(SMTPStage.RSET, reply, "the server refused RSET")
 
     async def check_envelope(self, mail_from: str, recipient: str) -> SMTPResponse:
@@ -765,7 +765,7 @@ class SMTPSession:
             except SMTPDeliveryError:
                 return False
             if reply.code != REPLY_OK:
-                self._abort()
+                self.abort()
                 return False
             return True
 
@@ -776,14 +776,14 @@ class SMTPSession:
         except SMTPDeliveryError:
             return
         if reply.code != REPLY_OK:
-            self._abort()
+            self.abort()
 
     # -- plumbing ---------------------------------------------------------------------
 
     def _require(self, stage: SMTPStage = SMTPStage.MAIL) -> aiosmtplib.SMTP:
         smtp = self._smtp
         if smtp is None or not smtp.is_connected:
-            self._abort()
+            self.abort()
             raise SMTPConnectionFailed(
                 SMTPErrorCode.CONNECTION_LOST,
                 "the session is not connected",
@@ -791,8 +791,8 @@ class SMTPSession:
             )
         return smtp
 
-    def _abort(self) -> None:
-        """Drop the connection without QUIT."""
+    def abort(self) -> None:
+        """Drop the connection without QUIT (a transaction cut short cannot go on)."""
         smtp, self._smtp = self._smtp, None
         if smtp is not None:
             smtp.close()
@@ -803,13 +803,13 @@ class SMTPSession:
         try:
             reply = await smtp.execute_command(*args, timeout=limit)
         except (aiosmtplib.SMTPException, OSError) as exc:
-            self._abort()
+            self.abort()
             raise self._translate(exc, stage) from exc
         except asyncio.CancelledError:
-            self._abort()  # a reply is still owed: the connection is out of step for good
+            self.abort()  # a reply is still owed: the connection is out of step for good
             raise
         if reply.code == REPLY_SERVICE_CLOSING:
-            self._abort()  # RFC 5321 section 3.8: the server closes after 421
+            self.abort()  # RFC 5321 section 3.8: the server closes after 421
         return reply
 
     def _reply_error(
@@ -840,7 +840,7 @@ class SMTPSession:
                 account_level=stage is SMTPStage.EHLO,
                 recipients=recipients,
             )
-        self._abort()  # a reply that makes no sense here: out of step with the server
+        self.abort()  # a reply that makes no sense here: out of step with the server
         return SMTPProtocolError(
             SMTPErrorCode.PROTOCOL_ERROR,
             f"unexpected reply at {stage}",

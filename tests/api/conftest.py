@@ -1,4 +1,8 @@
-"""An app on a temporary database, driven through Litestar's async test client."""
+"""An app on a temporary database, driven through Litestar's async test client.
+
+``MAILROOM_TEST_STORE=postgres``: ``make_settings`` gives each app a fresh PostgreSQL
+database instead of a SQLite file (dropped when the test ends).
+"""
 
 from __future__ import annotations
 
@@ -13,14 +17,23 @@ from litestar.testing import AsyncTestClient
 
 from service.app import create_app
 from service.config import ApiKey, Settings
+from tests.servers.postgres import new_database
 
 API_KEY = "test-key-0123456789abcdef"
 OTHER_TENANT_KEY = "other-key-0123456789abcdef"
 
 
+def app_database(tmp_path: Path) -> str:
+    """The database of a test's app: a file in ``tmp_path``, or a new PostgreSQL database
+    on the PostgreSQL pass (``MAILROOM_TEST_STORE=postgres``)."""
+    if os.environ.get("MAILROOM_TEST_STORE", "sqlite") == "postgres":
+        return new_database()
+    return str(tmp_path / "mailroom.db")
+
+
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
-        "database": str(tmp_path / "mailroom.db"),
+        "database": overrides.pop("database", None) or app_database(tmp_path),
         "api_keys": (ApiKey("default", API_KEY), ApiKey("other", OTHER_TENANT_KEY)),
         "secret_keys": (os.urandom(32),),
     }

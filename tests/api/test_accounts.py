@@ -79,6 +79,7 @@ async def test_passwords_never_in_responses(client: AsyncTestClient[Any]) -> Non
         assert '"password"' not in text
 
 
+@pytest.mark.sqlite_only  # reads the SQLite file itself
 async def test_no_password_in_clear_in_database_file(
     client: AsyncTestClient[Any], settings: Any
 ) -> None:

@@ -27,7 +27,8 @@ from service.domain.accounts import Account, RetrievalPolicy
 from service.domain.enums import RetrievalStatus
 from service.domain.retrievals import RetrievalError, RetrievalProgress
 from service.repository.errors import StorageFullError
-from service.repository.retrievals import SQLiteRetrievalRepository
+from service.repository.retrievals import RetrievalRepository
+from service.repository.store import Store
 from service.services.scheduler import is_due
 from tests.api.conftest import API_KEY, make_settings
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
@@ -168,11 +169,18 @@ def account_json_for(port: int, **retrieval: Any) -> dict[str, Any]:
 # Ends that cannot be recorded ---------------------------------------------------------------
 
 
-class FlakyFinish(SQLiteRetrievalRepository):
-    """The real repository, except that ``finish`` finds the disk full ``failures`` times."""
+class FlakyFinish:
+    """The store's real repository, except that ``finish`` finds the disk full ``failures``
+    times."""
 
     failures = 0
     refused: list[str] = []
+
+    def __init__(self, inner: RetrievalRepository) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
     async def finish(
         self,
@@ -186,14 +194,21 @@ class FlakyFinish(SQLiteRetrievalRepository):
             FlakyFinish.failures -= 1
             FlakyFinish.refused.append(retrieval_id)
             raise StorageFullError("database or disk is full")
-        await super().finish(retrieval_id, status, at, progress, error)
+        await self._inner.finish(retrieval_id, status, at, progress, error)
 
 
 @pytest.fixture
 async def flaky_client(
     tmp_path: Path, dovecot: Dovecot, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[AsyncTestClient[Any]]:
-    monkeypatch.setattr(service.app, "SQLiteRetrievalRepository", FlakyFinish)
+    create_store = service.app.create_store
+
+    def flaky_store(settings: Any) -> Store:
+        store = create_store(settings)
+        store.retrievals = FlakyFinish(store.retrievals)  # type: ignore[assignment]
+        return store
+
+    monkeypatch.setattr(service.app, "create_store", flaky_store)
     monkeypatch.setattr(FlakyFinish, "refused", [])
     settings = make_settings(tmp_path, allowed_networks=LOOPBACK, ca_file=dovecot.ca_file)
     async with AsyncTestClient(app=create_app(settings)) as test_client:
@@ -201,6 +216,7 @@ async def flaky_client(
         yield test_client
 
 
+@pytest.mark.sqlite_only  # looks inside the SQLite store itself
 async def test_unrecorded_end_does_not_wedge_the_account(
     flaky_client: AsyncTestClient[Any],
     dovecot: Dovecot,
@@ -236,6 +252,7 @@ async def test_unrecorded_end_does_not_wedge_the_account(
     assert (done["status"], done["messages_downloaded"]) == ("succeeded", 0)
 
 
+@pytest.mark.sqlite_only  # looks inside the SQLite store itself
 async def test_unrecorded_end_is_recorded_in_the_background(
     flaky_client: AsyncTestClient[Any],
     dovecot: Dovecot,
@@ -258,6 +275,7 @@ async def test_unrecorded_end_is_recorded_in_the_background(
     assert FlakyFinish.refused == [first["id"]] * 4
 
 
+@pytest.mark.sqlite_only  # looks inside the SQLite store itself
 async def test_active_row_without_a_task_is_closed_by_the_next_trigger(
     client: AsyncTestClient[Any], dovecot: Dovecot
 ) -> None:

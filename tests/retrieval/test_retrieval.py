@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from litestar.testing import AsyncTestClient
 
 from service.domain.accounts import Account, RetrievalPolicy
@@ -160,6 +161,7 @@ async def test_oversized_messages_skipped_and_never_deleted(
     assert mailbox.count() == 1
 
 
+@pytest.mark.sqlite_only  # looks inside the SQLite store itself
 async def test_delete_after_days_removes_old_server_copies(
     client: AsyncTestClient[Any], dovecot: Any, mailbox: Any
 ) -> None:
@@ -279,6 +281,7 @@ def test_schedule_due_rule_and_login_delay_floor() -> None:
     assert not is_due(never, None, now)
 
 
+@pytest.mark.sqlite_only  # looks inside the SQLite store itself
 async def test_deleting_account_deletes_its_mail(
     client: AsyncTestClient[Any], dovecot: Any, mailbox: Any, tmp_path: Path
 ) -> None:

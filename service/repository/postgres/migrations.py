@@ -1,0 +1,218 @@
+"""Versioned schema migrations for PostgreSQL, applied at start under an advisory lock.
+
+The tables and columns are those of the SQLite store (so a store can be copied table by
+table), with native types where they help: ``timestamptz`` for times, ``boolean``,
+``bytea`` for raw messages, ``bigint`` for sizes. Ids are compared byte-wise
+(``COLLATE "C"``) so keyset pages order exactly as on SQLite. The JSON address lists stay
+text, as on SQLite.
+
+Versions follow the SQLite store's numbering: a PostgreSQL database starts at version 5,
+the SQLite schema of the same content, so one number means one schema on both stores.
+Append new versions; never edit one that has shipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.repository.errors import SchemaTooNewError
+
+# Any constant of our own: replicas starting together take this lock in turn, so only the
+# first migrates; the others find the schema current.
+ADVISORY_LOCK_KEY = 0x4D61696C726F6F6D  # "Mailroom"
+# A migration may rewrite big tables: it is not bound by the per-statement timeout.
+MIGRATION_TIMEOUT_S = 3600.0
+
+V5_SCHEMA = """
+CREATE TABLE api_keys (
+    id text COLLATE "C" PRIMARY KEY,
+    tenant text NOT NULL,
+    key_hash text NOT NULL UNIQUE,
+    created_at timestamptz NOT NULL
+);
+CREATE TABLE accounts (
+    id text COLLATE "C" PRIMARY KEY,
+    tenant text NOT NULL,
+    name text NOT NULL,
+    email text NOT NULL,
+    display_name text,
+    in_host text NOT NULL,
+    in_port integer NOT NULL,
+    in_security text NOT NULL,
+    in_username text NOT NULL,
+    in_password text NOT NULL,
+    out_host text NOT NULL,
+    out_port integer NOT NULL,
+    out_security text NOT NULL,
+    out_username text,
+    out_password text,
+    out_allow_insecure_auth boolean NOT NULL DEFAULT false,
+    leave_on_server boolean NOT NULL DEFAULT true,
+    delete_after_days integer,
+    max_message_bytes bigint,
+    poll_interval_minutes integer,
+    smtp_auth_failed_at timestamptz,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    login_delay_s integer,
+    smtp_pause_code text,
+    smtp_pause_detail text,
+    smtp_paused_at timestamptz
+);
+CREATE INDEX accounts_tenant ON accounts (tenant, id);
+
+CREATE TABLE retrievals (
+    id text COLLATE "C" PRIMARY KEY,
+    account_id text COLLATE "C" NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    trigger text NOT NULL,
+    status text NOT NULL,
+    created_at timestamptz NOT NULL,
+    started_at timestamptz,
+    finished_at timestamptz,
+    messages_on_server integer,
+    messages_downloaded integer NOT NULL DEFAULT 0,
+    bytes_downloaded bigint NOT NULL DEFAULT 0,
+    messages_deleted integer NOT NULL DEFAULT 0,
+    messages_skipped integer NOT NULL DEFAULT 0,
+    error_code text,
+    error_detail text,
+    owner text,
+    lease_until timestamptz
+);
+CREATE INDEX retrievals_account ON retrievals (account_id, id);
+-- Never two retrievals of one account at once, whichever replica runs them.
+CREATE UNIQUE INDEX retrievals_one_active ON retrievals (account_id)
+    WHERE status IN ('queued', 'running');
+CREATE INDEX retrievals_account_created ON retrievals (account_id, created_at);
+
+CREATE TABLE messages (
+    id text COLLATE "C" PRIMARY KEY,
+    account_id text COLLATE "C" NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    uidl text NOT NULL,
+    size bigint NOT NULL,
+    retrieved_at timestamptz NOT NULL,
+    message_id text,
+    from_addr text,
+    to_json text NOT NULL,
+    cc_json text NOT NULL,
+    subject text,
+    date timestamptz,
+    has_attachments boolean NOT NULL,
+    UNIQUE (account_id, uidl)
+);
+CREATE INDEX messages_account ON messages (account_id, id);
+CREATE TABLE message_bodies (
+    message_id text COLLATE "C" PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE,
+    raw bytea NOT NULL
+);
+-- Mail is mostly compressed already (attachments): not worth the CPU of compressing.
+ALTER TABLE message_bodies ALTER COLUMN raw SET STORAGE EXTERNAL;
+CREATE TABLE server_messages (
+    account_id text COLLATE "C" NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    uidl text NOT NULL,
+    state text NOT NULL,
+    size bigint NOT NULL,
+    seen_at timestamptz NOT NULL,
+    PRIMARY KEY (account_id, uidl)
+);
+
+CREATE TABLE outbox (
+    id text COLLATE "C" PRIMARY KEY,
+    account_id text COLLATE "C" NOT NULL REFERENCES accounts (id) ON DELETE CASCADE,
+    message_id text NOT NULL,
+    status text NOT NULL,
+    mail_from text NOT NULL,
+    subject text NOT NULL,
+    smtputf8 boolean NOT NULL DEFAULT false,
+    size bigint NOT NULL,
+    idempotency_key text,
+    request_hash text,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    next_attempt_at timestamptz,
+    sent_at timestamptz,
+    expires_at timestamptz NOT NULL,
+    attempt_count integer NOT NULL DEFAULT 0,
+    last_error_code text,
+    last_error_detail text,
+    claimed_by text,
+    lease_until timestamptz,
+    UNIQUE (account_id, idempotency_key)
+);
+CREATE INDEX outbox_account ON outbox (account_id, id);
+CREATE INDEX outbox_account_status ON outbox (account_id, status, id);
+CREATE INDEX outbox_due ON outbox (account_id, next_attempt_at)
+    WHERE status IN ('queued', 'deferred');
+CREATE INDEX outbox_waiting ON outbox (next_attempt_at)
+    WHERE status IN ('queued', 'deferred');
+CREATE INDEX outbox_sending ON outbox (lease_until) WHERE status = 'sending';
+CREATE TABLE outbox_bodies (
+    outgoing_id text COLLATE "C" PRIMARY KEY REFERENCES outbox (id) ON DELETE CASCADE,
+    raw bytea NOT NULL
+);
+ALTER TABLE outbox_bodies ALTER COLUMN raw SET STORAGE EXTERNAL;
+CREATE TABLE outbox_recipients (
+    outgoing_id text COLLATE "C" NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+    position integer NOT NULL,
+    address text NOT NULL,
+    kind text NOT NULL,
+    status text NOT NULL,
+    smtp_code integer,
+    smtp_message text,
+    PRIMARY KEY (outgoing_id, position)
+);
+CREATE TABLE outbox_attempts (
+    outgoing_id text COLLATE "C" NOT NULL REFERENCES outbox (id) ON DELETE CASCADE,
+    seq integer NOT NULL,
+    at timestamptz NOT NULL,
+    outcome text NOT NULL,
+    smtp_code integer,
+    smtp_message text,
+    error_code text,
+    PRIMARY KEY (outgoing_id, seq)
+)
+"""
+
+MIGRATIONS: list[tuple[int, str]] = [
+    (5, V5_SCHEMA),
+]
+
+
+def latest_version() -> int:
+    return MIGRATIONS[-1][0]
+
+
+async def schema_version(conn: Any) -> int:
+    """The applied version; 0 for an empty database."""
+    exists = await conn.fetchval("SELECT to_regclass('schema_version') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version"))
+
+
+async def migrate(conn: Any) -> None:
+    """Apply pending migrations, one transaction each, holding the advisory lock.
+
+    :raises SchemaTooNewError: the database is newer than this code.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY, timeout=MIGRATION_TIMEOUT_S
+    )
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_version ("
+            " version integer PRIMARY KEY,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = await schema_version(conn)
+        if current > latest_version():
+            raise SchemaTooNewError(current, latest_version())
+        for version, script in MIGRATIONS:
+            if version <= current:
+                continue
+            async with conn.transaction():
+                await conn.execute(script, timeout=MIGRATION_TIMEOUT_S)
+                await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
+    finally:
+        if not conn.is_closed():
+            await conn.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)

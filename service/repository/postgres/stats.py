@@ -1,0 +1,15 @@
+"""Aggregate counts for metrics, on PostgreSQL."""
+
+from __future__ import annotations
+
+from service.repository.postgres.database import PgDatabase
+
+
+class PgStatsRepository:
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+
+    async def outbox_by_status(self) -> dict[str, int]:
+        """How many outgoing messages are in each status, over all accounts."""
+        rows = await self._db.fetch_all("SELECT status, count(*) FROM outbox GROUP BY status")
+        return {str(row[0]): int(row[1]) for row in rows}

@@ -1,0 +1,103 @@
+"""The Store seam: every repository of one database, and the one place that picks the store.
+
+``create_store(settings)`` gives the SQLite store (a path or ``sqlite:///...``, the embedded
+default) or the PostgreSQL store (``postgresql://...``, for several replicas on one
+database). Services and the API see only the repository Protocols collected here; neither
+knows which store it runs on.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from service.config import Settings
+from service.repository.accounts import AccountRepository, SQLiteAccountRepository
+from service.repository.api_keys import ApiKeyRepository, SQLiteApiKeyRepository
+from service.repository.database import Database
+from service.repository.messages import MessageRepository, SQLiteMessageRepository
+from service.repository.notify import InProcessNotifier, Notifier
+from service.repository.outbox import OutboxRepository, SQLiteOutboxRepository
+from service.repository.retrievals import RetrievalRepository, SQLiteRetrievalRepository
+from service.repository.stats import SQLiteStatsRepository, StatsRepository
+
+
+class Store(Protocol):
+    """One database and its repositories (open before use, close at the end)."""
+
+    kind: str
+    accounts: AccountRepository
+    api_keys: ApiKeyRepository
+    messages: MessageRepository
+    retrievals: RetrievalRepository
+    outbox: OutboxRepository
+    stats: StatsRepository
+    notifier: Notifier
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations.
+
+        :raises SchemaTooNewError: the database was migrated by a newer Mailroom.
+        :raises StorageFullError: no space for the migrations (retried later).
+        :raises StoreUnavailableError: the database cannot be reached (retried later).
+        """
+        ...
+
+    async def close(self) -> None: ...
+    async def schema_version(self) -> int: ...
+
+    @property
+    def latest_version(self) -> int: ...
+
+    @property
+    def storage_full(self) -> bool: ...
+
+    async def probe_write(self) -> None: ...
+
+
+class SQLiteStore:
+    """One SQLite file: the embedded store of a single process."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.db = Database(path)
+        self.accounts: AccountRepository = SQLiteAccountRepository(self.db)
+        self.api_keys: ApiKeyRepository = SQLiteApiKeyRepository(self.db)
+        self.messages: MessageRepository = SQLiteMessageRepository(self.db)
+        self.retrievals: RetrievalRepository = SQLiteRetrievalRepository(self.db)
+        self.outbox: OutboxRepository = SQLiteOutboxRepository(self.db)
+        self.stats: StatsRepository = SQLiteStatsRepository(self.db)
+        self.notifier: Notifier = InProcessNotifier()
+
+    async def open(self) -> None:
+        """Open the file and migrate it."""
+        await self.db.open()
+
+    async def close(self) -> None:
+        await self.db.close()
+
+    async def schema_version(self) -> int:
+        return await self.db.schema_version()
+
+    @property
+    def latest_version(self) -> int:
+        return self.db.latest_version
+
+    @property
+    def storage_full(self) -> bool:
+        return self.db.storage_full
+
+    async def probe_write(self) -> None:
+        await self.db.probe_write()
+
+
+def create_store(settings: Settings) -> Store:
+    """The store ``settings.database`` names (nothing is opened yet)."""
+    if settings.store_kind == "postgres":
+        # Imported here so the embedded default never loads the PostgreSQL driver.
+        from service.repository.postgres.store import PostgresStore
+
+        return PostgresStore(
+            settings.database, pool_size=settings.db_pool_size, timeout_s=settings.db_timeout_s
+        )
+    return SQLiteStore(str(settings.database_path))
