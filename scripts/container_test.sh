@@ -21,6 +21,15 @@
 #            port, temporary /data, an API key) and checks /health, /ready, POST
 #            /v1/accounts, the uid of the server process, the files in /data, the
 #            image's HEALTHCHECK command, and a clean exit on SIGTERM.
+# 5. postgres the same image and container again, only the environment differs:
+#            MAILROOM_DATABASE=postgresql://... (a fresh database on the server the test
+#            suite uses: $MAILROOM_TEST_POSTGRES, else 127.0.0.1:5432 with trust auth as
+#            postgres, else a throw-away cluster; see scripts/container/pg_database.py),
+#            a generated MAILROOM_SECRET_KEY, an API key. Checks /health, /ready (a
+#            database round trip), an account created, read back and listed, nothing in
+#            /data, a graceful exit on SIGTERM, then the rows in PostgreSQL (read with the
+#            project's .venv: asyncpg and the service's cipher). The database is dropped
+#            (and a cluster started for it stopped) on every exit.
 #
 # Everything lives in a private container storage (in RAM under /dev/shm/mailroom-ci
 # when it has 3 GB free, else $CACHE/storage; override with $MAILROOM_CI_STORAGE),
@@ -30,7 +39,8 @@
 # Knobs (environment): MAILROOM_CI_CACHE, MAILROOM_CI_STORAGE, MAILROOM_CI_IMAGE
 # (default localhost/mailroom:ci), MAILROOM_CI_REFRESH_BASE=1 (debootstrap again),
 # MAILROOM_CI_BASE_MAX_AGE_DAYS, MAILROOM_CI_DEBIAN_MIRROR (default: the host's apt
-# mirror), MAILROOM_CI_BUILD_TIMEOUT / _START_TIMEOUT / _STOP_TIMEOUT (seconds).
+# mirror), MAILROOM_CI_BUILD_TIMEOUT / _START_TIMEOUT / _STOP_TIMEOUT / _PG_TIMEOUT
+# (seconds), MAILROOM_TEST_POSTGRES (a server DSN the run may create a database on).
 set -Eeuo pipefail
 
 ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
@@ -45,6 +55,7 @@ BASE_MAX_AGE_DAYS=${MAILROOM_CI_BASE_MAX_AGE_DAYS:-30}
 BUILD_TIMEOUT=${MAILROOM_CI_BUILD_TIMEOUT:-1200}
 START_TIMEOUT=${MAILROOM_CI_START_TIMEOUT:-60}
 STOP_TIMEOUT=${MAILROOM_CI_STOP_TIMEOUT:-30}
+PG_TIMEOUT=${MAILROOM_CI_PG_TIMEOUT:-180} # finding or starting PostgreSQL (initdb; apt-get at worst)
 DEFAULT_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export DEBIAN_FRONTEND=noninteractive LC_ALL=C.UTF-8
 
@@ -75,7 +86,7 @@ STORE=(--storage-driver vfs --root "$STORAGE" --runroot "$RUNROOT")
 bah() { buildah "${STORE[@]}" "$@"; }
 
 # ------------------------------------------------------------------------- cleanup
-TMP='' CTR='' RUN_PID='' SERVER_PID='' ROOTFS='' BG_PID=''
+TMP='' CTR='' RUN_PID='' SERVER_PID='' ROOTFS='' BG_PID='' PG_PID='' PG_LOG_SHOWN=0
 in_background() { # long steps run as a waited-for child, so a signal interrupts them at once
 	local rc=0
 	"$@" 9>&- & # fd 9 holds the lock: an orphan must never keep it
@@ -112,6 +123,11 @@ cleanup() {
 	stop_pid "$SERVER_PID" 5
 	stop_pid "$RUN_PID" 5
 	[[ -n $RUN_PID ]] && wait "$RUN_PID" 2>/dev/null
+	if [[ -n $PG_PID ]]; then # drops the database, stops a cluster it started
+		stop_pid "$PG_PID" 30
+		wait "$PG_PID" 2>/dev/null
+		tail -n "+$((PG_LOG_SHOWN + 1))" "$TMP/postgres.log" 2>/dev/null | redact
+	fi
 	if [[ -n $CTR ]]; then
 		bah umount "$CTR" >/dev/null 2>&1 || true
 		bah rm "$CTR" >/dev/null 2>&1 || true
@@ -300,6 +316,53 @@ VENV_SIZE=$(du -sh "$mnt/opt/venv" | cut -f1)
 bah umount "$CTR" >/dev/null
 
 # ------------------------------------------------------------------------- 4. run
+SERVER_LOG=$TMP/server.log # the output of the container that runs now
+show_server_log() {
+	echo "   --- container output (tail) ---"
+	tail -n 40 "$SERVER_LOG" | redact | sed 's/^/   /'
+}
+stop_server() { # SIGTERM to the server process: it must exit, gracefully, within STOP_TIMEOUT
+	local i stopped=false run_rc=0 t_stop=$EPOCHREALTIME
+	kill -TERM "$SERVER_PID"
+	for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+		if ! kill -0 "$RUN_PID" 2>/dev/null; then
+			stopped=true
+			break
+		fi
+		sleep 0.1
+	done
+	if ! $stopped; then
+		show_server_log
+		die "the server did not exit within ${STOP_TIMEOUT}s of SIGTERM"
+	fi
+	wait "$RUN_PID" || run_rc=$?
+	RUN_PID=''
+	STOP_SECS=$(since "$t_stop")
+	if kill -0 "$SERVER_PID" 2>/dev/null; then
+		die "server process $SERVER_PID still alive after its container command returned"
+	fi
+	SERVER_PID=''
+	# uvicorn re-raises the SIGTERM after its graceful shutdown so that the exit status
+	# says "terminated" (docker shows 143); buildah reports that as "exited on terminated".
+	if ((run_rc != 0)) && ! grep -q 'exited on terminated' "$SERVER_LOG"; then
+		show_server_log
+		die "the server exited with status $run_rc after SIGTERM (expected 0 or terminated-by-SIGTERM)"
+	fi
+	echo "  ok: SIGTERM -> the server exited in ${STOP_SECS}s ($( ((run_rc == 0)) && echo 'status 0' || echo 'terminated by SIGTERM'))"
+	if ! grep -qi 'shutdown complete' "$SERVER_LOG"; then
+		show_server_log
+		die "no sign of a graceful shutdown (the application's shutdown did not complete)"
+	fi
+	echo "  ok: the application's graceful shutdown completed"
+}
+check_no_traceback() {
+	if grep -q 'Traceback (most recent call last)' "$SERVER_LOG"; then
+		show_server_log
+		die "the server logged a traceback"
+	fi
+	echo "  ok: no traceback in the server output"
+}
+
 T_RUN=$EPOCHREALTIME
 mapfile -d '' -t cmd < <(python3 -c '
 import json, sys
@@ -321,12 +384,8 @@ bah config --volume /data- "$CTR"
 log "4. run: buildah run --isolation chroot (host network) -- ${cmd[*]}  [port $port, /data = temp dir]"
 # Not through bah(): $! must be buildah's own pid.
 buildah "${STORE[@]}" run --isolation chroot --network host -v "$data:/data" "${run_env[@]}" \
-	"$CTR" -- "${cmd[@]}" >"$TMP/server.log" 2>&1 9>&- &
+	"$CTR" -- "${cmd[@]}" >"$SERVER_LOG" 2>&1 9>&- &
 RUN_PID=$!
-show_server_log() {
-	echo "   --- container output (tail) ---"
-	tail -n 40 "$TMP/server.log" | redact | sed 's/^/   /'
-}
 if ! in_background python3 "$HELPERS/smoke.py" serve --port "$port" --api-key "$api_key" --data "$data" \
 	--uid "$uid" --runner-pid "$RUN_PID" --pid-file "$TMP/server.pid" --timeout "$START_TIMEOUT"; then
 	show_server_log
@@ -343,50 +402,98 @@ else
 	die "the image's HEALTHCHECK command failed"
 fi
 
-T_STOP=$EPOCHREALTIME
-kill -TERM "$SERVER_PID"
-stopped=false
-for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
-	if ! kill -0 "$RUN_PID" 2>/dev/null; then
-		stopped=true
-		break
+stop_server
+SQLITE_STOP_SECS=$STOP_SECS
+python3 "$HELPERS/smoke.py" db --data "$data"
+check_no_traceback
+
+# ------------------------------------------------------------------------- 5. postgres
+# The same image and the same container, unchanged: only the environment differs.
+T_PG=$EPOCHREALTIME
+VENV_PY=$ROOT/.venv/bin/python # asyncpg, the service's cipher, tests/servers/postgres.py
+if ! "$VENV_PY" -c 'import asyncpg, pytest, service' >/dev/null 2>&1; then
+	log "5. postgres: making the project's .venv (scripts/venv.sh test)"
+	if ! in_background bash "$ROOT/scripts/venv.sh" test >"$TMP/venv.log" 2>&1; then
+		tail -n 20 "$TMP/venv.log" | redact | sed 's/^/   /'
+		die "scripts/venv.sh test failed"
 	fi
+fi
+show_pg_log() { # what the database holder said since the last call
+	tail -n "+$((PG_LOG_SHOWN + 1))" "$TMP/postgres.log" | redact
+	PG_LOG_SHOWN=$(wc -l <"$TMP/postgres.log")
+}
+log "5. postgres: a fresh database on the suite's PostgreSQL server, the same image"
+pg_state=$TMP/postgres.json
+# Holds a fresh database until TERM (or until this shell is gone), then drops it.
+"$VENV_PY" "$HELPERS/pg_database.py" hold --state "$pg_state" --parent-pid $$ \
+	>"$TMP/postgres.log" 2>&1 9>&- &
+PG_PID=$!
+for ((i = 0; i < PG_TIMEOUT * 10; i++)); do
+	[[ -s $pg_state ]] && break
+	kill -0 "$PG_PID" 2>/dev/null || break
 	sleep 0.1
 done
-if ! $stopped; then
+if [[ ! -s $pg_state ]]; then
+	show_pg_log
+	kill -0 "$PG_PID" 2>/dev/null || die "could not get a PostgreSQL database"
+	die "no PostgreSQL database within ${PG_TIMEOUT}s"
+fi
+mapfile -t pg_info < <(python3 -c '
+import json, sys
+s = json.load(open(sys.argv[1]))
+print(s["dsn"]); print(s["database"])' "$pg_state")
+pg_dsn=${pg_info[0]} pg_name=${pg_info[1]}
+show_pg_log
+PG_SETUP_SECS=$(since "$T_PG")
+
+T_PG_RUN=$EPOCHREALTIME
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+secret_key=$(python3 -c 'import base64, os; print(base64.urlsafe_b64encode(os.urandom(32)).decode())')
+pg_data=$TMP/data-pg # mounted over /data as in 4.; with PostgreSQL nothing may land there
+install -d -o "$uid" -g "$uid" -m 0700 "$pg_data"
+pg_env=(-e "MAILROOM_PORT=$port" -e "MAILROOM_API_KEYS=$api_key" -e "MAILROOM_ALLOWED_NETWORKS=127.0.0.0/8"
+	-e "MAILROOM_DATABASE=$pg_dsn" -e "MAILROOM_SECRET_KEY=$secret_key")
+log "   buildah run --isolation chroot (host network) -- ${cmd[*]}  [port $port, MAILROOM_DATABASE=postgresql://.../$pg_name, MAILROOM_SECRET_KEY generated, /data = empty temp dir]"
+SERVER_LOG=$TMP/server-pg.log
+buildah "${STORE[@]}" run --isolation chroot --network host -v "$pg_data:/data" "${pg_env[@]}" \
+	"$CTR" -- "${cmd[@]}" >"$SERVER_LOG" 2>&1 9>&- &
+RUN_PID=$!
+if ! in_background python3 "$HELPERS/smoke.py" postgres --port "$port" --api-key "$api_key" \
+	--data "$pg_data" --uid "$uid" --runner-pid "$RUN_PID" --pid-file "$TMP/server.pid" \
+	--out "$TMP/postgres-smoke.json" --timeout "$START_TIMEOUT"; then
 	show_server_log
-	die "the server did not exit within ${STOP_TIMEOUT}s of SIGTERM"
+	die "the running container failed its checks against PostgreSQL"
 fi
-run_rc=0
-wait "$RUN_PID" || run_rc=$?
-RUN_PID=''
-STOP_SECS=$(since "$T_STOP")
-if kill -0 "$SERVER_PID" 2>/dev/null; then
-	die "server process $SERVER_PID still alive after its container command returned"
+SERVER_PID=$(<"$TMP/server.pid")
+PG_START_SECS=$(since "$T_PG_RUN")
+stop_server
+PG_STOP_SECS=$STOP_SECS
+MAILROOM_SECRET_KEY=$secret_key in_background "$VENV_PY" "$HELPERS/pg_database.py" rows \
+	--state "$pg_state" --smoke "$TMP/postgres-smoke.json" ||
+	die "what the container stored in PostgreSQL is not what the API was given"
+check_no_traceback
+
+# Drop the database now, to see it done (cleanup() would do it on any exit).
+kill -TERM "$PG_PID"
+for ((i = 0; i < STOP_TIMEOUT * 10; i++)); do
+	kill -0 "$PG_PID" 2>/dev/null || break
+	sleep 0.1
+done
+pg_rc=0
+if kill -0 "$PG_PID" 2>/dev/null; then
+	show_pg_log
+	die "the database holder did not finish within ${STOP_TIMEOUT}s of SIGTERM"
 fi
-SERVER_PID=''
-# uvicorn re-raises the SIGTERM after its graceful shutdown so that the exit status
-# says "terminated" (docker shows 143); buildah reports that as "exited on terminated".
-if ((run_rc != 0)) && ! grep -q 'exited on terminated' "$TMP/server.log"; then
-	show_server_log
-	die "the server exited with status $run_rc after SIGTERM (expected 0 or terminated-by-SIGTERM)"
-fi
-echo "  ok: SIGTERM -> the server exited in ${STOP_SECS}s ($( ((run_rc == 0)) && echo 'status 0' || echo 'terminated by SIGTERM'))"
-if ! grep -qi 'shutdown complete' "$TMP/server.log"; then
-	show_server_log
-	die "no sign of a graceful shutdown (the application's shutdown did not complete)"
-fi
-echo "  ok: the application's graceful shutdown completed"
-python3 "$HELPERS/smoke.py" db --data "$data"
-if grep -q 'Traceback (most recent call last)' "$TMP/server.log"; then
-	show_server_log
-	die "the server logged a traceback"
-fi
-echo "  ok: no traceback in the server output"
+wait "$PG_PID" || pg_rc=$?
+PG_PID=''
+show_pg_log
+((pg_rc == 0)) || die "the database $pg_name could not be dropped (exit $pg_rc)"
+echo "  ok: database $pg_name dropped"
 
 # ------------------------------------------------------------------------- summary
 size=$(bah images --format '{{.Size}}' "$IMAGE" | head -1)
 base_size=$(bah images --format '{{.Size}}' "$BASE_IMAGE" | head -1)
 log "summary: image $IMAGE $size (base $BASE_IMAGE $base_size, /opt/venv $VENV_SIZE)"
-log "summary: base ${BASE_SECS}s ($BASE_HOW), build ${BUILD_SECS}s, start+checks ${START_SECS}s, stop ${STOP_SECS}s"
+log "summary: base ${BASE_SECS}s ($BASE_HOW), build ${BUILD_SECS}s, start+checks ${START_SECS}s, stop ${SQLITE_STOP_SECS}s"
+log "summary: postgres: database ${PG_SETUP_SECS}s, start+checks ${PG_START_SECS}s, stop ${PG_STOP_SECS}s, on $(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["where"])' "$pg_state")"
 log "inspect: buildah --storage-driver vfs --root $STORAGE --runroot $RUNROOT images"

@@ -8,6 +8,8 @@ host's process and network namespaces).
     smoke.py image  --inspect JSON --uid U
     smoke.py rootfs --root DIR --pyproject FILE --uid U
     smoke.py db     --data DIR
+    smoke.py postgres --port P --api-key K --data DIR --uid U --runner-pid PID --pid-file F
+                      --out JSON   (MAILROOM_DATABASE=postgresql://...; writes what it created)
 
 Every check prints one "ok: ..." line; the first failure prints "FAIL: ..." and
 exits 1.
@@ -106,7 +108,22 @@ def proc_ids(pid: int) -> tuple[list[int], list[int]]:
     return [int(x) for x in uids.group(1).split()], [int(x) for x in gids.group(1).split()]
 
 
-def cmd_serve(a: argparse.Namespace) -> None:
+ACCOUNT = {
+    "name": "container-smoke",
+    "email": "smoke@example.com",
+    "incoming": {
+        "protocol": "pop3",
+        "host": "127.0.0.1",
+        "security": "none",
+        "username": "smoke",
+        "password": "smoke-password",
+    },
+    "outgoing": {"host": "127.0.0.1", "security": "none"},
+}
+
+
+def wait_up(a: argparse.Namespace) -> dict[str, Any]:
+    """/health then /ready answer 200 within --timeout; returns the /ready body."""
     deadline = time.monotonic() + a.timeout
     status = None
     while time.monotonic() < deadline:
@@ -133,29 +150,25 @@ def cmd_serve(a: argparse.Namespace) -> None:
             break
         time.sleep(0.25)
     check(status == 200, "GET /ready -> 200", f"status {status}: {body[:200]!r}")
+    ready = json.loads(body)
+    return ready if isinstance(ready, dict) else {}
 
-    account = {
-        "name": "container-smoke",
-        "email": "smoke@example.com",
-        "incoming": {
-            "protocol": "pop3",
-            "host": "127.0.0.1",
-            "security": "none",
-            "username": "smoke",
-            "password": "smoke-password",
-        },
-        "outgoing": {"host": "127.0.0.1", "security": "none"},
-    }
-    status, body, _ = request(a.port, "POST", "/v1/accounts", account)
+
+def create_account(a: argparse.Namespace) -> dict[str, Any]:
+    status, body, _ = request(a.port, "POST", "/v1/accounts", ACCOUNT)
     check(status == 401, "POST /v1/accounts without a key -> 401", f"status {status}")
-    status, body, _ = request(a.port, "POST", "/v1/accounts", account, key=a.api_key)
+    status, body, _ = request(a.port, "POST", "/v1/accounts", ACCOUNT, key=a.api_key)
     check(
         status == 201, "POST /v1/accounts with the key -> 201", f"status {status}: {body[:300]!r}"
     )
     created = json.loads(body)
     check(isinstance(created, dict) and created.get("id"), "created account has an id")
     check("smoke-password" not in body.decode(), "the password is not echoed back")
+    return dict(created)
 
+
+def check_server_process(a: argparse.Namespace) -> None:
+    """Find the process listening on --port, record its pid, check its uid/gid."""
     pid = listener_pid(a.port)
     check(pid is not None, f"found the process listening on port {a.port} (pid {pid})")
     assert pid is not None
@@ -166,6 +179,12 @@ def cmd_serve(a: argparse.Namespace) -> None:
         f"server process runs as uid/gid {a.uid} (real, effective, saved, fs)",
         f"Uid {uids} Gid {gids}",
     )
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    wait_up(a)
+    create_account(a)
+    check_server_process(a)
 
     data = Path(a.data)
     db = data / "mailroom.db"
@@ -181,6 +200,57 @@ def cmd_serve(a: argparse.Namespace) -> None:
         print(f"  warn: key file readable by group/others: {', '.join(loose)}", flush=True)
     else:
         ok("no key file in /data is readable by group/others")
+
+
+# --------------------------------------------------------------------------- postgres
+def cmd_postgres(a: argparse.Namespace) -> None:
+    """The same image run with MAILROOM_DATABASE=postgresql://...: /ready is a database
+    round trip, an account is written, read back and listed, and nothing lands in /data."""
+    ready = wait_up(a)
+    version = ready.get("schema_version")
+    check(
+        ready.get("status") == "ready"
+        and isinstance(version, int)
+        and version == ready.get("expected_schema_version"),
+        f"/ready: the PostgreSQL schema is migrated (version {version})",
+        json.dumps(ready),
+    )
+    created = create_account(a)
+    account_id = str(created["id"])
+    path = f"/v1/accounts/{account_id}"
+    status, body, _ = request(a.port, "GET", path, key=a.api_key)
+    check(status == 200, f"GET {path} -> 200", f"status {status}: {body[:300]!r}")
+    got = json.loads(body)
+    check(
+        got == created,
+        "the account reads back exactly as created",
+        f"created {created}, read {got}",
+    )
+    check(
+        got["incoming"].get("password_set") is True,
+        "incoming.password_set is true (stored, not shown)",
+    )
+    status, body, _ = request(a.port, "GET", "/v1/accounts?limit=10", key=a.api_key)
+    check(status == 200, "GET /v1/accounts -> 200", f"status {status}: {body[:300]!r}")
+    page = json.loads(body)
+    ids = [item.get("id") for item in page.get("items") or []]
+    check(
+        ids == [account_id] and page.get("next_cursor") is None,
+        "the list holds exactly the new account",
+        f"ids {ids}, next_cursor {page.get('next_cursor')!r}",
+    )
+    status, _, _ = request(a.port, "GET", "/v1/accounts", key="not-" + a.api_key)
+    check(status == 401, "GET /v1/accounts with a wrong key -> 401", f"status {status}")
+    check_server_process(a)
+    left = sorted(p.name for p in Path(a.data).iterdir())
+    check(
+        not left,
+        "nothing was written to /data (no SQLite file, no generated key)",
+        ", ".join(left),
+    )
+    Path(a.out).write_text(
+        json.dumps({"account_id": account_id, "schema_version": version, "account": ACCOUNT})
+    )
 
 
 # --------------------------------------------------------------------------- image
@@ -311,8 +381,21 @@ def main() -> None:
     r.add_argument("--uid", type=int, required=True)
     d = sub.add_parser("db")
     d.add_argument("--data", required=True)
+    p = sub.add_parser("postgres")
+    for name in ("--api-key", "--data", "--pid-file", "--out"):
+        p.add_argument(name, required=True)
+    for name in ("--port", "--uid", "--runner-pid"):
+        p.add_argument(name, type=int, required=True)
+    p.add_argument("--timeout", type=float, default=60.0)
     a = ap.parse_args()
-    {"serve": cmd_serve, "image": cmd_image, "rootfs": cmd_rootfs, "db": cmd_db}[a.cmd](a)
+    commands = {
+        "serve": cmd_serve,
+        "image": cmd_image,
+        "rootfs": cmd_rootfs,
+        "db": cmd_db,
+        "postgres": cmd_postgres,
+    }
+    commands[a.cmd](a)
 
 
 if __name__ == "__main__":

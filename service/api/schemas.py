@@ -130,8 +130,8 @@ class Health(msgspec.Struct, frozen=True):
 
 class Readiness(msgspec.Struct, frozen=True, omit_defaults=True):
     """``code`` says why it is not ready: ``storage_full`` (the disk is full; writes are
-    tried again on each probe) or ``unavailable`` (the store cannot be opened or is not
-    migrated yet)."""
+    tried again on each probe), ``storage_unavailable`` (the database cannot be reached)
+    or ``unavailable`` (the store cannot be opened or is not migrated yet)."""
 
     status: Literal["ready", "not_ready"]
     schema_version: int
