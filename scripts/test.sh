@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 need_pkgs=()
 command -v dovecot >/dev/null 2>&1 || need_pkgs+=(dovecot-pop3d)
 command -v smtp-sink >/dev/null 2>&1 || [ -x /usr/sbin/smtp-sink ] || need_pkgs+=(postfix)
+# Headless Chromium renders /docs/ with the network blocked (the offline docs test).
+command -v chromium >/dev/null 2>&1 || need_pkgs+=(chromium)
+# Node for the TypeScript client scenario (tests/client/test_typescript_client.py).
+command -v npm >/dev/null 2>&1 || need_pkgs+=(nodejs npm)
 # PostgreSQL for the store tests: unless a server is given (MAILROOM_TEST_POSTGRES) or one
 # answers on 127.0.0.1:5432, the suite starts a throw-away cluster and needs the binaries.
 if [ -z "${MAILROOM_TEST_POSTGRES:-}" ] && ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null \
@@ -23,12 +27,21 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
 fi
 
 bash scripts/venv.sh test
+echo "== npm ci (clients/typescript: pinned openapi-typescript, openapi-fetch, TypeScript)"
+npm ci --prefix clients/typescript --no-audit --no-fund
 
 echo "== ruff"
 .venv/bin/ruff check service tests bench
 .venv/bin/ruff format --check service tests bench
 echo "== mypy (strict, service/)"
 .venv/bin/mypy
+echo "== redocly lint (the OpenAPI document, recommended rules: no error, no warning)"
+REDOCLY=(npx --yes @redocly/cli@2.77.0 lint --config redocly.yaml openapi/openapi.json)
+# Redocly fails only on errors; a warning fails here too (then the readable report).
+"${REDOCLY[@]}" --format=json 2>/dev/null | .venv/bin/python -c 'import json, sys
+totals = json.load(sys.stdin)["totals"]
+print(f"redocly: {totals}")
+sys.exit(1 if totals["errors"] or totals["warnings"] else 0)' || { "${REDOCLY[@]}"; exit 1; }
 echo "== pytest"
 .venv/bin/python -m pytest "$@"
 echo "== pytest, the app-level suites on PostgreSQL (MAILROOM_TEST_STORE=postgres)"

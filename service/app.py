@@ -19,13 +19,19 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import JsonRenderPlugin, SwaggerRenderPlugin
-from litestar.openapi.spec import Components, SecurityScheme, Server
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, License, SecurityScheme, Server
 
 from service import __version__
 from service.api.accounts import AccountController
 from service.api.auth import KeyRing, hash_key, require_api_key
-from service.api.health import HealthController
+from service.api.head import HeadMiddleware
+from service.api.health import (
+    METRICS_DESCRIPTION,
+    METRICS_ERRORS,
+    HealthController,
+    MetricsOperation,
+)
 from service.api.middleware import (
     AccessLogMiddleware,
     RequestIdMiddleware,
@@ -39,13 +45,16 @@ from service.api.problems import (
     repository_error_handler,
     service_error_handler,
 )
+from service.api.requests import AllowHeaderMiddleware, RequestSchemaPlugin, StrictJSONRequest
 from service.api.retrievals import MessageController, RetrievalController
+from service.api.spec import MailroomOpenAPIConfig, ResponseSchemaPlugin
 from service.config import DEFAULT_TENANT, Settings
 from service.crypto import CredentialCipher, load_or_create_keys
+from service.docs import OfflineSwaggerRenderPlugin
 from service.domain.ids import new_id
 from service.domain.retrievals import Retrieval
 from service.errors import ServiceError
-from service.metrics import Metrics, render
+from service.metrics import Metrics, check_metrics_token, render
 from service.netguard import ConnectionGuard
 from service.repository.api_keys import ApiKeyRepository
 from service.repository.errors import RepositoryError, StorageFullError, StoreUnavailableError
@@ -63,6 +72,10 @@ from service.services.verify import AccountVerifier
 logger = logging.getLogger("mailroom")
 
 OPENAPI_PATH = "/docs"
+# The project ships no open-source license: the document says so.
+LICENSE_NAME = "Proprietary"
+LICENSE_ID = "LicenseRef-Proprietary"  # SPDX's form for a license it does not list
+DEFAULTS = Settings()  # the listen address of a service started with no settings
 GENERATED_KEY_PREFIX = "mr_"
 # Startup steps that found the disk full are tried again in the background, this often
 # (doubling up to the maximum), so the service starts and /ready reports `storage_full`.
@@ -73,7 +86,8 @@ StartupStep = tuple[str, Callable[[], Awaitable[object]]]
 
 
 def openapi_config() -> OpenAPIConfig:
-    return OpenAPIConfig(
+    """The OpenAPI document's settings; ``MailroomOpenAPIConfig`` finishes the document."""
+    return MailroomOpenAPIConfig(
         title="Mailroom",
         version=__version__,
         description=(
@@ -82,7 +96,11 @@ def openapi_config() -> OpenAPIConfig:
             " stable `code`."
         ),
         path=OPENAPI_PATH,
-        render_plugins=[JsonRenderPlugin(path="/openapi.json"), SwaggerRenderPlugin(path="/")],
+        render_plugins=[
+            JsonRenderPlugin(path="/openapi.json"),
+            # Swagger UI with its assets served from here: the docs work offline.
+            OfflineSwaggerRenderPlugin(docs_path=OPENAPI_PATH),
+        ],
         components=Components(
             security_schemes={
                 "BearerAuth": SecurityScheme(
@@ -90,7 +108,14 @@ def openapi_config() -> OpenAPIConfig:
                 )
             }
         ),
-        servers=[Server(url="/")],
+        servers=[
+            Server(
+                url=f"http://{DEFAULTS.host}:{DEFAULTS.port}",
+                description="A Mailroom started with the default settings; point a client"
+                " at your deployment's URL instead",
+            )
+        ],
+        license=License(name=LICENSE_NAME, identifier=LICENSE_ID),
         use_handler_docstrings=False,
         create_examples=False,
     )
@@ -248,13 +273,22 @@ def create_app(settings: Settings) -> Litestar:
         "/metrics",
         operation_id="GetMetrics",
         summary="Prometheus metrics (text exposition format)",
+        description=METRICS_DESCRIPTION,
         media_type="text/plain",
         tags=["Health"],
+        responses=METRICS_ERRORS,
+        operation_class=MetricsOperation,
     )
     async def get_metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
+        if settings.metrics_token is not None:
+            check_metrics_token(settings.metrics_token, request.headers.getall("authorization", []))
         stats: StatsRepository = request.app.state.stats
         metrics.set_outbox_counts(await stats.outbox_by_status())
+        metrics.set_oldest_unsent(await stats.oldest_unsent_at())
         body, content_type = render(metrics, request.headers.get("accept"))
+        # Litestar adds the charset to a text/* media type itself: not twice.
+        if content_type.startswith("text/"):
+            content_type = content_type.partition("; charset=")[0]
         return Response(body, media_type=content_type)
 
     v1 = Router(
@@ -287,12 +321,24 @@ def create_app(settings: Settings) -> Litestar:
             Exception: internal_error_handler,
         },
         request_max_body_size=settings.max_request_bytes,
+        # Bodies decode strictly, and their schemas say all the decoder enforces.
+        request_class=StrictJSONRequest,
+        # Struct schemas that say what the server accepts (requests) and sends (responses).
+        plugins=[RequestSchemaPlugin(), ResponseSchemaPlugin()],
         state=State({"settings": settings}),
         debug=False,
         logging_config=None,
     )
-    # Outside the router, so 404s and 405s get a request id and are counted too.
-    return wrap_router(app, RequestIdMiddleware, AccessLogMiddleware, metrics.middleware)
+    # Outside the router, so 404s and 405s get a request id and are counted too. HEAD is
+    # routed as GET innermost, so logs and metrics still say HEAD.
+    return wrap_router(
+        app,
+        RequestIdMiddleware,
+        AccessLogMiddleware,
+        metrics.middleware,
+        HeadMiddleware,
+        AllowHeaderMiddleware,
+    )
 
 
 async def _run_startup_steps(steps: list[StartupStep]) -> list[StartupStep]:
@@ -340,8 +386,14 @@ def _from_state(name: str) -> Provide:
 
 def _retrieval_metrics(metrics: Metrics) -> RetrievalObserver:
     async def record(done: Retrieval) -> None:
+        seconds = None
+        if done.started_at is not None and done.finished_at is not None:
+            seconds = (done.finished_at - done.started_at).total_seconds()
         metrics.record_retrieval(
-            done.status, messages=done.messages_downloaded, size=done.bytes_downloaded
+            done.status,
+            messages=done.messages_downloaded,
+            size=done.bytes_downloaded,
+            seconds=seconds,
         )
 
     return record

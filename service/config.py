@@ -61,6 +61,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ca_file: str | None = None
     log_format: Literal["text", "json"] = "text"
     log_level: str = "INFO"
+    # When set, GET /metrics needs `Authorization: Bearer <this>`; None: /metrics is open.
+    metrics_token: str | None = None
 
     # HTTP limits
     max_request_bytes: int = 35 * 1024 * 1024  # base64 attachments of a 25 MB message
@@ -171,6 +173,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             if value not in ("text", "json"):
                 raise ConfigError("MAILROOM_LOG_FORMAT: must be 'text' or 'json'")
             kwargs["log_format"] = value
+        if (value := get("METRICS_TOKEN")) is not None:
+            kwargs["metrics_token"] = value
         if (value := get("LOG_LEVEL")) is not None:
             if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
                 raise ConfigError("MAILROOM_LOG_LEVEL: must be DEBUG, INFO, WARNING or ERROR")

@@ -7,8 +7,8 @@ from litestar.params import JSONBody
 
 from service.api.dependencies import AccountId, Accounts, Tenant, Verifier
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
-from service.api.problems import BAD_BODY, COMMON_ERRORS, NOT_FOUND
-from service.api.schemas import AccountOut, ListResponse
+from service.api.problems import ACCOUNT_INPUT_ERRORS, BAD_BODY, COMMON_ERRORS, NOT_FOUND
+from service.api.schemas import AccountList, AccountOut
 from service.domain.inputs import AccountInput, AccountPatch
 from service.services.verify import VerifyResult
 
@@ -22,7 +22,7 @@ class AccountController(Controller):
         summary="Create a mail account",
         description="Stores the POP3 and SMTP settings; passwords are encrypted at rest and"
         " never returned. Ports default from `security`.",
-        responses={**COMMON_ERRORS, **BAD_BODY},
+        responses={**COMMON_ERRORS, **ACCOUNT_INPUT_ERRORS, **BAD_BODY},
     )
     async def create_account(
         self, data: JSONBody[AccountInput], tenant: Tenant, accounts: Accounts
@@ -32,6 +32,7 @@ class AccountController(Controller):
     @get(
         operation_id="ListAccounts",
         summary="List accounts",
+        description="A page of the caller's accounts; follow `next_cursor` for the next page.",
         responses=COMMON_ERRORS,
     )
     async def list_accounts(
@@ -40,14 +41,16 @@ class AccountController(Controller):
         accounts: Accounts,
         limit: Limit = DEFAULT_PAGE_SIZE,
         cursor: Cursor = None,
-    ) -> ListResponse[AccountOut]:
+    ) -> AccountList:
         page = await accounts.page(tenant, after=after_of(cursor), limit=limit)
-        return list_response(page, AccountOut.of)
+        return list_response(AccountList, page, AccountOut.of)
 
     @get(
         "/{account_id:str}",
         operation_id="GetAccount",
         summary="Get an account",
+        description="The account's settings (passwords only as `password_set`) and whether"
+        " delivery is paused (`smtp_status`, `smtp_pause`).",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def get_account(
@@ -61,7 +64,7 @@ class AccountController(Controller):
         summary="Update an account",
         description="Only the fields given change; nested objects merge. Changing `security`"
         " without `port` moves a default port to the new mode's default.",
-        responses={**COMMON_ERRORS, **NOT_FOUND, **BAD_BODY},
+        responses={**COMMON_ERRORS, **ACCOUNT_INPUT_ERRORS, **NOT_FOUND, **BAD_BODY},
     )
     async def update_account(
         self,
@@ -76,6 +79,7 @@ class AccountController(Controller):
         "/{account_id:str}",
         operation_id="DeleteAccount",
         summary="Delete an account with its stored mail, retrievals and outbox",
+        description="Nothing is deleted on the mail servers; messages still queued are not sent.",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def delete_account(

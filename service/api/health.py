@@ -10,21 +10,59 @@ round trip to it), ``unavailable`` while the store is not open or not migrated.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from litestar import Controller, Response, get
 from litestar.datastructures import State
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import OpenAPIMediaType, OpenAPIResponse, Operation, Schema
+from litestar.openapi.spec.enums import OpenAPIType
 
 from service import __version__
+from service.api.problems import OPEN_ROUTE_ERRORS, problem_spec
 from service.api.schemas import Health, Readiness
 from service.codes import ErrorCode
 from service.repository.errors import RepositoryError, StoreUnavailableError
 from service.repository.store import Store
 
+OPENMETRICS = "application/openmetrics-text"
+METRICS_DESCRIPTION = (
+    "Prometheus text exposition format, or OpenMetrics when `Accept` asks for"
+    " `application/openmetrics-text`. Open unless `MAILROOM_METRICS_TOKEN` is set; then it"
+    " needs `Authorization: Bearer <that token>` (not an API key)."
+)
+METRICS_ERRORS = {
+    401: problem_spec(
+        "`MAILROOM_METRICS_TOKEN` is set and the request does not bear it (`unauthorized`)",
+        ErrorCode.UNAUTHORIZED,
+    ),
+    **OPEN_ROUTE_ERRORS,
+}
+
+
+@dataclass
+class MetricsOperation(Operation):
+    """Documents the 200 response as Prometheus text or OpenMetrics."""
+
+    def __post_init__(self) -> None:
+        ok = (self.responses or {}).get("200")
+        if isinstance(ok, OpenAPIResponse):
+            text = OpenAPIMediaType(schema=Schema(type=OpenAPIType.STRING))
+            ok.content = {"text/plain": text, OPENMETRICS: text}
+
 
 class HealthController(Controller):
     tags = ["Health"]
 
-    @get("/health", operation_id="GetHealth", summary="Liveness: the process is up")
+    @get(
+        "/health",
+        operation_id="GetHealth",
+        summary="Liveness: the process is up",
+        description="200 while the process serves HTTP, whatever the store's state (see"
+        " `/ready`), so an orchestrator does not restart a service that only waits for disk"
+        " space. Open: no API key.",
+        responses=OPEN_ROUTE_ERRORS,
+    )
     async def health(self) -> Health:
         return Health(status="ok", version=__version__)
 
@@ -35,13 +73,14 @@ class HealthController(Controller):
         description="503 with `code` while not ready: `storage_full` (the disk is full;"
         " each probe tries a small write and answers 200 once it succeeds),"
         " `storage_unavailable` (the database cannot be reached) or"
-        " `unavailable` (the store cannot be opened yet).",
+        " `unavailable` (the store cannot be opened yet). Open: no API key.",
         responses={
+            **OPEN_ROUTE_ERRORS,
             503: ResponseSpec(
                 data_container=Readiness,
                 description="Not ready; `code` says why",
                 generate_examples=False,
-            )
+            ),
         },
     )
     async def ready(self, state: State) -> Response[Readiness]:

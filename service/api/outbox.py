@@ -11,9 +11,16 @@ from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
 from service.api.dependencies import AccountId, Outbox, OutgoingId, Tenant
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
-from service.api.problems import COMMON_ERRORS, NOT_FOUND, UNSUPPORTED_BODY, problem_spec
+from service.api.problems import (
+    COMMON_ERRORS,
+    NOT_FOUND,
+    SEND_INPUT_CODES,
+    UNSUPPORTED_BODY,
+    problem_spec,
+)
 from service.api.raw import RFC822, RawMessageOperation, raw_message_response
-from service.api.schemas import ListResponse
+from service.api.schemas import OutgoingMessageList
+from service.codes import ErrorCode
 from service.domain.enums import OutgoingStatus
 from service.domain.outbox import MAX_IDEMPOTENCY_KEY_CHARS, OutgoingMessage, SendRequest
 
@@ -44,18 +51,24 @@ SEND_ERRORS = {
     **NOT_FOUND,
     **UNSUPPORTED_BODY,
     409: problem_spec(
-        "The Idempotency-Key was used with a different request (`idempotency_key_reused`)"
+        "The Idempotency-Key was used with a different request (`idempotency_key_reused`)",
+        ErrorCode.IDEMPOTENCY_KEY_REUSED,
+        ErrorCode.CONFLICT,
     ),
     413: problem_spec(
         "Too large: the body (`request_too_large`), one attachment (`attachment_too_large`)"
-        " or the composed message (`message_too_large`)"
+        " or the composed message (`message_too_large`)",
+        ErrorCode.REQUEST_TOO_LARGE,
+        ErrorCode.ATTACHMENT_TOO_LARGE,
+        ErrorCode.MESSAGE_TOO_LARGE,
     ),
     422: problem_spec(
         "Invalid input; `code` says which rule: `validation_error` (the body's shape),"
         " `invalid_address`, `header_injection` (CR, LF, controls or line separators in a"
         " subject, name or header value), `protected_header`, `invalid_header_name`,"
         " `duplicate_header`, `too_many_recipients`, `no_recipients`, `no_body`,"
-        " `invalid_base64`, `invalid_attachment`, `invalid_body`, `too_long`, `too_many`"
+        " `invalid_base64`, `invalid_attachment`, `invalid_body`, `too_long`, `too_many`",
+        *SEND_INPUT_CODES,
     ),
 }
 
@@ -102,6 +115,8 @@ class OutboxController(Controller):
     @get(
         operation_id="ListOutgoingMessages",
         summary="List the account's outgoing messages, newest first",
+        description="A page of the outbox, newest first, optionally only one `status`;"
+        " follow `next_cursor` for the next page.",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def list_outgoing_messages(
@@ -112,9 +127,9 @@ class OutboxController(Controller):
         limit: Limit = DEFAULT_PAGE_SIZE,
         cursor: Cursor = None,
         status: StatusFilter = None,
-    ) -> ListResponse[OutgoingMessage]:
+    ) -> OutgoingMessageList:
         page = await outbox.page(tenant, account_id, status, after=after_of(cursor), limit=limit)
-        return list_response(page, lambda m: m)
+        return list_response(OutgoingMessageList, page, lambda m: m)
 
     @get(
         "/{outgoing_id:str}",
@@ -162,7 +177,10 @@ class OutboxController(Controller):
         responses={
             **COMMON_ERRORS,
             **NOT_FOUND,
-            409: problem_spec("The message is sending, sent or failed (`not_cancellable`)"),
+            409: problem_spec(
+                "The message is sending, sent or failed (`not_cancellable`)",
+                ErrorCode.NOT_CANCELLABLE,
+            ),
         },
     )
     async def cancel_outgoing_message(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from litestar.params import QueryParameter
 
 from service.api.schemas import ListResponse
-from service.domain.ids import InvalidCursor, decode_cursor, encode_cursor
+from service.domain.ids import CURSOR_PATTERN, InvalidCursor, decode_cursor, encode_cursor
 from service.errors import FieldError, Invalid
 from service.repository.pages import Page
 
@@ -16,7 +16,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
 T = TypeVar("T")
-U = TypeVar("U")
+P = TypeVar("P", bound=ListResponse[Any])
 
 Limit = Annotated[
     int,
@@ -28,7 +28,10 @@ Limit = Annotated[
 ]
 Cursor = Annotated[
     str | None,
-    QueryParameter(max_length=300, description="`next_cursor` of the previous page"),
+    QueryParameter(
+        pattern=CURSOR_PATTERN,
+        description="`next_cursor` of the previous page (opaque: pass it back unchanged)",
+    ),
 ]
 
 
@@ -42,8 +45,9 @@ def after_of(cursor: str | None) -> str | None:
         raise Invalid(str(exc), errors=[FieldError("cursor", str(exc))]) from exc
 
 
-def list_response(page: Page[T], convert: Callable[[T], U]) -> ListResponse[U]:
-    return ListResponse(
+def list_response(kind: type[P], page: Page[T], convert: Callable[[T], Any]) -> P:
+    """``page`` as the list Struct ``kind`` (e.g. ``AccountList``), items converted."""
+    return kind(
         items=[convert(item) for item in page.items],
         next_cursor=None if page.next_after is None else encode_cursor(page.next_after),
     )

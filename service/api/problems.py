@@ -24,9 +24,11 @@ from litestar.exceptions import (
     ValidationException,
 )
 from litestar.openapi.datastructures import ResponseSpec
+from litestar.openapi.spec import Example
 
 from service import errors
-from service.codes import ErrorCode
+from service.codes import DESCRIPTIONS, ErrorCode
+from service.mail.errors import MailErrorCode
 from service.repository.errors import (
     DuplicateError,
     RepositoryError,
@@ -35,6 +37,9 @@ from service.repository.errors import (
 )
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+PROBLEM_TYPE_BASE = "https://mailroom.dev/problems/"
+# Seconds a 429 asks the caller to wait (``Retry-After``): about one short retrieval.
+RETRY_AFTER_S = 5
 logger = logging.getLogger("mailroom.api")
 
 # The code of an HTTP error that carries none of its own, by status.
@@ -114,7 +119,7 @@ def problem_response(
 ) -> Response[Problem]:
     member = catalogued(code, status)
     body = Problem(
-        type=f"https://mailroom.dev/problems/{member}",
+        type=f"{PROBLEM_TYPE_BASE}{member}",
         title=title,
         status=status,
         code=member,
@@ -143,7 +148,11 @@ def service_error_handler(
         else None
     )
     resource_id = exc.resource_id if isinstance(exc, errors.Conflict) else None
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers: dict[str, str] | None = None
+    if status == 401:
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif status == 429:
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
     return problem_response(
         status,
         exc.code,
@@ -306,36 +315,141 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
     )
 
 
-def problem_spec(description: str) -> ResponseSpec:
-    """An OpenAPI response entry for an error status."""
+def problem_spec(description: str, *codes: ErrorCode) -> ResponseSpec:
+    """An OpenAPI response entry for an error status that answers one of ``codes``.
+
+    Each code becomes an example of the response; the document then narrows ``code`` to
+    these (``service.api.spec``), so a generated client can switch on them.
+    """
     return ResponseSpec(
         data_container=Problem,
         description=description,
         media_type=PROBLEM_MEDIA_TYPE,
         generate_examples=False,
+        examples=[
+            Example(
+                id=code.value,
+                summary=DESCRIPTIONS[code],
+                value={
+                    "type": f"{PROBLEM_TYPE_BASE}{code}",
+                    "title": _TITLE_OF_STATUS[_STATUS_OF_CODE.get(code, 422)],
+                    "status": _STATUS_OF_CODE.get(code, 422),
+                    "code": code.value,
+                    "detail": DESCRIPTIONS[code].split(": ", 1)[-1],
+                },
+            )
+            for code in codes
+        ]
+        or None,
     )
 
 
+# The status of each code an error response can carry (the mail input codes are 422).
+_STATUS_OF_CODE: dict[ErrorCode, int] = {
+    **{code: status for status, code in CODE_OF_STATUS.items()},
+    ErrorCode.MALFORMED_JSON: 400,
+    ErrorCode.AMBIGUOUS_HEADER: 400,
+    ErrorCode.HOST_NOT_ALLOWED: 422,
+    ErrorCode.RETRIEVAL_RUNNING: 409,
+    ErrorCode.RETRIEVAL_FINISHED: 409,
+    ErrorCode.IDEMPOTENCY_KEY_REUSED: 409,
+    ErrorCode.NOT_CANCELLABLE: 409,
+    ErrorCode.TOO_MANY_RETRIEVALS: 429,
+    ErrorCode.ATTACHMENT_TOO_LARGE: 413,
+    ErrorCode.MESSAGE_TOO_LARGE: 413,
+    ErrorCode.STORAGE_UNAVAILABLE: 503,
+    ErrorCode.CREDENTIALS_UNREADABLE: 503,
+    ErrorCode.INTERNAL_ERROR: 500,
+}
+_TITLE_OF_STATUS = {
+    400: "Bad request",
+    401: "Unauthorized",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    413: "Payload too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    429: "Too many requests",
+    500: "Internal error",
+    503: "Service unavailable",
+    507: "Insufficient storage",
+}
+
+# Mail input rules of SendMessage, each refused with its own code.
+SEND_INPUT_CODES = (
+    ErrorCode.VALIDATION_ERROR,
+    *(ErrorCode(code.value) for code in MailErrorCode),
+    ErrorCode.TOO_MANY_RECIPIENTS,
+    ErrorCode.INVALID_BASE64,
+    ErrorCode.NO_BODY,
+)
+
+INTERNAL_ERROR = {
+    500: problem_spec(
+        "A bug (`internal_error`): logged with the request id; nothing internal is shown",
+        ErrorCode.INTERNAL_ERROR,
+    )
+}
+# The open routes read no body, parameter or key: a wrong method is all a caller can get
+# wrong (405, with `Allow`).
+OPEN_ROUTE_ERRORS = {
+    405: problem_spec(
+        "The path does not answer this method (`method_not_allowed`); `Allow` lists those"
+        " it answers",
+        ErrorCode.METHOD_NOT_ALLOWED,
+    ),
+    **INTERNAL_ERROR,
+}
 COMMON_ERRORS = {
     400: problem_spec(
         "Request cannot be read: `malformed_json` (not JSON, or nested too deeply),"
-        " `ambiguous_header` (Authorization, Idempotency-Key or Content-Type given twice)"
+        " `ambiguous_header` (Authorization, Idempotency-Key or Content-Type given twice)",
+        ErrorCode.MALFORMED_JSON,
+        ErrorCode.AMBIGUOUS_HEADER,
+        ErrorCode.BAD_REQUEST,
     ),
-    401: problem_spec("Missing or wrong API key (`unauthorized`)"),
-    422: problem_spec("Invalid input (`validation_error`); `errors` lists each bad field"),
-    503: problem_spec("The store is not available (`unavailable`); try again later"),
+    401: problem_spec("Missing or wrong API key (`unauthorized`)", ErrorCode.UNAUTHORIZED),
+    422: problem_spec(
+        "Invalid input (`validation_error`); `errors` lists each bad field",
+        ErrorCode.VALIDATION_ERROR,
+    ),
+    **INTERNAL_ERROR,
+    503: problem_spec(
+        "The store is not available (`unavailable`, `storage_unavailable`), or stored"
+        " credentials cannot be decrypted (`credentials_unreadable`); try again later",
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.STORAGE_UNAVAILABLE,
+        ErrorCode.CREDENTIALS_UNREADABLE,
+    ),
     507: problem_spec(
-        "A write found the disk full (`storage_full`): nothing was stored or changed"
+        "A write found the disk full (`storage_full`): nothing was stored or changed",
+        ErrorCode.STORAGE_FULL,
     ),
 }
-NOT_FOUND = {404: problem_spec("No such resource for this caller (`not_found`)")}
+# Account settings are also refused when a host resolves into a guarded network.
+ACCOUNT_INPUT_ERRORS = {
+    422: problem_spec(
+        "Invalid input (`validation_error`), or a host that resolves into a network the"
+        " outbound guard refuses (`host_not_allowed`); `errors` lists each bad field",
+        ErrorCode.VALIDATION_ERROR,
+        ErrorCode.HOST_NOT_ALLOWED,
+    ),
+}
+NOT_FOUND = {
+    404: problem_spec("No such resource for this caller (`not_found`)", ErrorCode.NOT_FOUND)
+}
 UNSUPPORTED_BODY = {
     415: problem_spec(
         "The body is not `application/json` (or `+json`), or has no Content-Type"
-        " (`unsupported_media_type`)"
+        " (`unsupported_media_type`)",
+        ErrorCode.UNSUPPORTED_MEDIA_TYPE,
     ),
 }
 BAD_BODY = {
-    413: problem_spec("Body larger than the configured limit (`request_too_large`)"),
+    413: problem_spec(
+        "Body larger than the configured limit (`request_too_large`)",
+        ErrorCode.REQUEST_TOO_LARGE,
+    ),
     **UNSUPPORTED_BODY,
 }

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import re
-from datetime import datetime
 from typing import Annotated, Any
 
 from litestar import Controller, Request, Response, delete, get, post
-from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
@@ -23,13 +21,18 @@ from service.api.dependencies import (
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
 from service.api.problems import COMMON_ERRORS, NOT_FOUND, problem_spec
 from service.api.raw import (
+    OCTET_STREAM,
     RFC822,
     UNTRUSTED_CONTENT_HEADERS,
+    AttachmentOperation,
     RawMessageOperation,
     raw_message_response,
+    wants_octets,
 )
-from service.api.schemas import ListResponse, MessageDetail
-from service.domain.retrievals import MessageFilter, MessageSummary, Retrieval
+from service.api.requests import TIMESTAMP_PATTERN, parse_timestamp
+from service.api.schemas import MessageDetail, MessageSummaryList, RetrievalList
+from service.codes import ErrorCode
+from service.domain.retrievals import MessageFilter, Retrieval
 from service.mail.parse import safe_content_disposition
 from service.services.retrieval import CANCEL_WAIT_S
 
@@ -52,10 +55,14 @@ class RetrievalController(Controller):
         responses={
             **COMMON_ERRORS,
             **NOT_FOUND,
-            409: problem_spec("A retrieval is already running (`retrieval_running`)"),
+            409: problem_spec(
+                "A retrieval is already running (`retrieval_running`)",
+                ErrorCode.RETRIEVAL_RUNNING,
+            ),
             429: problem_spec(
                 "All retrieval slots, or this tenant's share of them, are in use"
-                " (`too_many_retrievals`)"
+                " (`too_many_retrievals`); `Retry-After` says when to try again",
+                ErrorCode.TOO_MANY_RETRIEVALS,
             ),
         },
     )
@@ -67,6 +74,8 @@ class RetrievalController(Controller):
     @get(
         operation_id="ListRetrievals",
         summary="List the account's retrievals, newest first",
+        description="A page of the account's retrievals, newest first; follow"
+        " `next_cursor` for the next page.",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def list_retrievals(
@@ -76,14 +85,16 @@ class RetrievalController(Controller):
         retrievals: Retrievals,
         limit: Limit = DEFAULT_PAGE_SIZE,
         cursor: Cursor = None,
-    ) -> ListResponse[Retrieval]:
+    ) -> RetrievalList:
         page = await retrievals.page(tenant, account_id, after=after_of(cursor), limit=limit)
-        return list_response(page, lambda r: r)
+        return list_response(RetrievalList, page, lambda r: r)
 
     @get(
         "/{retrieval_id:str}",
         operation_id="GetRetrieval",
         summary="Get a retrieval with its progress and outcome",
+        description="Counts grow while it runs; `status` ends `succeeded`, `failed` or"
+        " `cancelled`, and `error` says why it did not succeed.",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def get_retrieval(
@@ -109,7 +120,10 @@ class RetrievalController(Controller):
         responses={
             **COMMON_ERRORS,
             **NOT_FOUND,
-            409: problem_spec("The retrieval has already ended (`retrieval_finished`)"),
+            409: problem_spec(
+                "The retrieval has already ended (`retrieval_finished`)",
+                ErrorCode.RETRIEVAL_FINISHED,
+            ),
         },
     )
     async def cancel_retrieval(
@@ -129,6 +143,8 @@ class MessageController(Controller):
     @get(
         operation_id="ListMessages",
         summary="List stored messages, newest first",
+        description="Summaries of the messages in the local store, newest first, filtered by"
+        " the query; follow `next_cursor` for the next page.",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def list_messages(
@@ -139,7 +155,12 @@ class MessageController(Controller):
         limit: Limit = DEFAULT_PAGE_SIZE,
         cursor: Cursor = None,
         since: Annotated[
-            datetime | None, QueryParameter(description="Retrieved at or after this time")
+            str | None,
+            QueryParameter(
+                pattern=TIMESTAMP_PATTERN,
+                schema_extra={"format": "date-time"},
+                description="Retrieved at or after this time (RFC 3339, with its offset)",
+            ),
         ] = None,
         from_: Annotated[
             str | None,
@@ -149,15 +170,15 @@ class MessageController(Controller):
             str | None, QueryParameter(max_length=200, description="`subject` contains this")
         ] = None,
         has_attachments: Annotated[bool | None, QueryParameter()] = None,
-    ) -> ListResponse[MessageSummary]:
+    ) -> MessageSummaryList:
         flt = MessageFilter(
-            since=since,
+            since=parse_timestamp(since, "since"),
             from_contains=from_,
             subject_contains=subject,
             has_attachments=has_attachments,
         )
         page = await messages.page(tenant, account_id, flt, after=after_of(cursor), limit=limit)
-        return list_response(page, lambda m: m)
+        return list_response(MessageSummaryList, page, lambda m: m)
 
     @get(
         "/{message_id:str}",
@@ -199,19 +220,17 @@ class MessageController(Controller):
         "/{message_id:str}/attachments/{index:int}",
         operation_id="GetAttachment",
         summary="Download one attachment's decoded bytes",
-        responses={
-            **COMMON_ERRORS,
-            **NOT_FOUND,
-            200: ResponseSpec(
-                data_container=bytes,
-                media_type="application/octet-stream",
-                description="The attachment, with its own content type",
-                generate_examples=False,
-            ),
-        },
+        description="Served with the attachment's own `content_type` (from the attachment"
+        " list; `application/octet-stream` when that is not a valid media type), or as"
+        " `application/octet-stream` when `Accept` asks for only that.",
+        media_type=OCTET_STREAM,
+        responses={**COMMON_ERRORS, **NOT_FOUND},
+        response_description="The attachment's decoded bytes",
+        operation_class=AttachmentOperation,
     )
     async def get_attachment(
         self,
+        request: Request[Any, Any, Any],
         account_id: AccountId,
         message_id: MessageId,
         index: AttachmentIndex,
@@ -220,9 +239,11 @@ class MessageController(Controller):
     ) -> Response[bytes]:
         found = await messages.attachment(tenant, account_id, message_id, index)
         media = found.content_type.lower()
+        if not _MEDIA_TYPE.fullmatch(media) or wants_octets(request.headers.get("accept"), media):
+            media = OCTET_STREAM
         return Response(
             found.data,
-            media_type=media if _MEDIA_TYPE.fullmatch(media) else "application/octet-stream",
+            media_type=media,
             headers={
                 "Content-Disposition": safe_content_disposition(found.filename),
                 **UNTRUSTED_CONTENT_HEADERS,

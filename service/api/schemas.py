@@ -10,13 +10,16 @@ import msgspec
 from service.codes import ErrorCode
 from service.domain.accounts import Account
 from service.domain.enums import Security
-from service.domain.retrievals import MessageSummary
+from service.domain.outbox import OutgoingMessage
+from service.domain.retrievals import MessageSummary, Retrieval
 from service.mail.parse import ParsedMessage
 
 T = TypeVar("T")
 
 
 class ListResponse(msgspec.Struct, Generic[T], frozen=True):
+    """A page of a list: ``next_cursor`` continues it, null on the last page."""
+
     items: list[T]
     next_cursor: str | None
 
@@ -184,3 +187,29 @@ class MessageDetail(MessageSummary, frozen=True, kw_only=True):
             ],
             defects=list(p.defects),
         )
+
+
+# One concrete class per listed resource: the OpenAPI document names its schema after the
+# class (``AccountList``), where a generic alias would leak its module path.
+class AccountList(ListResponse[AccountOut], frozen=True):
+    """A page of accounts."""
+
+    items: list[AccountOut]
+
+
+class RetrievalList(ListResponse[Retrieval], frozen=True):
+    """A page of retrievals, newest first."""
+
+    items: list[Retrieval]
+
+
+class MessageSummaryList(ListResponse[MessageSummary], frozen=True):
+    """A page of stored messages, newest first."""
+
+    items: list[MessageSummary]
+
+
+class OutgoingMessageList(ListResponse[OutgoingMessage], frozen=True):
+    """A page of outgoing messages, newest first."""
+
+    items: list[OutgoingMessage]

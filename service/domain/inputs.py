@@ -31,6 +31,7 @@ MAX_PASSWORD = 1024
 MAX_DELETE_AFTER_DAYS = 3650
 MAX_POLL_MINUTES = 7 * 24 * 60
 MIN_MESSAGE_CAP = 1024
+MAX_MESSAGE_CAP = 1 << 31  # the highest MAILROOM_MAX_MESSAGE_BYTES accepted
 
 Port = Annotated[int, Meta(ge=1, le=65535, description="TCP port; default follows `security`")]
 Host = Annotated[
@@ -66,7 +67,15 @@ Password = Annotated[
     ),
 ]
 DeleteAfterDays = Annotated[int, Meta(ge=1, le=MAX_DELETE_AFTER_DAYS)]
-MessageCap = Annotated[int, Meta(ge=MIN_MESSAGE_CAP, description="Bigger messages are skipped")]
+MessageCap = Annotated[
+    int,
+    Meta(
+        ge=MIN_MESSAGE_CAP,
+        le=MAX_MESSAGE_CAP,
+        description="Bigger messages are skipped; at most the service's own limit"
+        " (`MAILROOM_MAX_MESSAGE_BYTES`, 422 above it)",
+    ),
+]
 PollMinutes = Annotated[int, Meta(ge=1, le=MAX_POLL_MINUTES)]
 
 

@@ -8,9 +8,10 @@ carries its own stable ``code``). ``OutgoingMessage`` is what callers read back.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import msgspec
 from msgspec import Meta
@@ -37,6 +38,9 @@ MAX_EXTRA_HEADERS = mail_headers.MAX_EXTRA_HEADERS
 MAX_HEADER_NAME_CHARS = mail_headers.MAX_HEADER_NAME_CHARS
 MAX_HEADER_VALUE_CHARS = mail_headers.MAX_HEADER_VALUE_CHARS
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+# Standard base64 with its padding, nothing else: what `content_base64` must be.
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$(?!\n)"
+BASE64_RE = re.compile(BASE64_PATTERN)
 
 AddressText = Annotated[
     str,
@@ -64,12 +68,22 @@ class AttachmentInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ),
     ]
     content_base64: Annotated[
-        str, Meta(description="The file's bytes, standard base64 (RFC 4648 section 4)")
+        str,
+        Meta(
+            description="The file's bytes, standard base64 (RFC 4648 section 4), padded;"
+            " anything else is 422 `invalid_base64`",
+            # In the schema only: the sending service checks it, answering its own code.
+            extra_json_schema={"extra": {"pattern": BASE64_PATTERN}},
+        ),
     ]
 
 
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of SendMessage. From is the account's own address and display name."""
+
+    # Each group needs one field given: a non-empty list (422 `no_recipients`) or a body that
+    # is not null (422 `no_body`). The OpenAPI schema states them (service.api.requests).
+    at_least_one_of: ClassVar[tuple[tuple[str, ...], ...]] = (("to", "cc", "bcc"), ("text", "html"))
 
     to: AddressList = msgspec.field(default_factory=list)
     cc: AddressList = msgspec.field(default_factory=list)

@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Protocol
 
+from service.domain.time import from_text
 from service.repository.database import Database
+
+# Two queries whose conditions match the outbox's partial indexes (waiting, sending), so
+# the oldest unsent message is found among the pending rows only, however many were sent.
+OLDEST_UNSENT_SQL = (
+    "SELECT min(created_at) FROM ("
+    "SELECT min(created_at) AS created_at FROM outbox WHERE status IN ('queued', 'deferred')"
+    " UNION ALL SELECT min(created_at) FROM outbox WHERE status = 'sending') AS pending"
+)
 
 
 class StatsRepository(Protocol):
     async def outbox_by_status(self) -> dict[str, int]: ...
+
+    async def oldest_unsent_at(self) -> datetime | None: ...
 
 
 class SQLiteStatsRepository:
@@ -19,3 +31,8 @@ class SQLiteStatsRepository:
         """How many outgoing messages are in each status, over all accounts."""
         rows = await self._db.fetch_all("SELECT status, count(*) FROM outbox GROUP BY status")
         return {str(row[0]): int(row[1]) for row in rows}
+
+    async def oldest_unsent_at(self) -> datetime | None:
+        """When the oldest message still queued, deferred or sending was accepted."""
+        row = await self._db.fetch_one(OLDEST_UNSENT_SQL)
+        return None if row is None or row[0] is None else from_text(str(row[0]))

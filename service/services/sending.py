@@ -30,6 +30,7 @@ from service.domain.accounts import Account
 from service.domain.enums import OutgoingStatus, RecipientKind
 from service.domain.ids import new_id
 from service.domain.outbox import (
+    BASE64_RE,
     AttachmentInput,
     NewOutgoing,
     NewRecipient,
@@ -155,6 +156,9 @@ def _decode_attachment(index: int, item: AttachmentInput, limits: SendLimits) ->
             f"{field}: about {estimated} bytes decoded; at most {limits.max_attachment_bytes}",
             code="attachment_too_large",
         )
+    if not BASE64_RE.match(encoded):
+        # Exactly the documented pattern: the decoder alone would accept excess padding.
+        raise _invalid(field, "not valid base64 (standard alphabet, padded)", "invalid_base64")
     try:
         # validate=True: only the base64 alphabet and padding, no whitespace or junk that
         # a lenient decoder would silently skip.

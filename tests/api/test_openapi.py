@@ -41,8 +41,18 @@ def test_every_operation_is_documented(path: str, method: str, op: dict[str, Any
     assert op.get("operationId"), (path, method)
     assert op["operationId"][0].isupper()
     assert op.get("summary"), (path, method)
+    assert op.get("description"), (path, method)
     responses = op["responses"]
     assert any(code.startswith("2") for code in responses)
+    assert any(code.startswith("4") for code in responses), (path, method)
+    assert "500" in responses, (path, method)
+    for code, response in responses.items():
+        # Every answer carries the request id; problem bodies are problem+json.
+        assert response["headers"]["X-Request-ID"] == {
+            "$ref": "#/components/headers/X-Request-ID"
+        }, (path, method, code)
+        if code[0] in "45" and path.startswith("/v1"):
+            assert set(response["content"]) == {"application/problem+json"}, (path, code)
     if path.startswith("/v1"):
         assert op.get("security") == [{"BearerAuth": []}]
         for code in ("401", "422"):
@@ -53,3 +63,4 @@ def test_every_operation_is_documented(path: str, method: str, op: dict[str, Any
             assert "404" in responses, (path, method)
     else:
         assert path in OPEN_PATHS
+        assert op["security"] == [], path  # open, said explicitly (Redocly security-defined)

@@ -134,14 +134,20 @@ async def test_secrets_never_leak_and_everything_is_observable(
                 for family in text_string_to_metric_families(metrics.text)
                 for s in family.samples
             }
-            assert samples[("retrievals_total", (("outcome", "succeeded"),))] == 1
-            assert samples[("retrievals_total", (("outcome", "failed"),))] == 1
-            assert samples[("messages_downloaded_total", ())] == 1
-            assert samples[("delivery_attempts_total", (("outcome", "sent"),))] == 1
-            assert samples[("delivery_latency_seconds_count", ())] == 1
-            assert samples[("outbox_messages", (("status", "sent"),))] == 1
+            assert samples[("mailroom_retrievals_total", (("outcome", "succeeded"),))] == 1
+            assert samples[("mailroom_retrievals_total", (("outcome", "failed"),))] == 1
+            for outcome in ("succeeded", "failed"):
+                duration = ("mailroom_retrieval_duration_seconds_count", (("outcome", outcome),))
+                assert samples[duration] == 1
+            assert samples[("mailroom_messages_downloaded_total", ())] == 1
+            assert samples[("mailroom_delivery_attempts_total", (("outcome", "sent"),))] == 1
+            assert samples[("mailroom_delivery_latency_seconds_count", ())] == 1
+            assert samples[("mailroom_outbox_messages", (("status", "sent"),))] == 1
+            # The bad account's message waits for a retry: the oldest unsent has an age.
+            assert samples[("mailroom_outbox_messages", (("status", "deferred"),))] == 1
+            assert samples[("mailroom_outbox_oldest_unsent_age_seconds", ())] > 0
             created = (
-                "http_requests_total",
+                "mailroom_http_requests_total",
                 (("method", "POST"), ("route", "/v1/accounts"), ("status", "201")),
             )
             assert samples[created] == 2  # the good and the bad account

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from service.repository.postgres.database import PgDatabase
+from service.repository.stats import OLDEST_UNSENT_SQL
 
 
 class PgStatsRepository:
@@ -13,3 +16,8 @@ class PgStatsRepository:
         """How many outgoing messages are in each status, over all accounts."""
         rows = await self._db.fetch_all("SELECT status, count(*) FROM outbox GROUP BY status")
         return {str(row[0]): int(row[1]) for row in rows}
+
+    async def oldest_unsent_at(self) -> datetime | None:
+        """When the oldest message still queued, deferred or sending was accepted."""
+        value = await self._db.fetch_value(OLDEST_UNSENT_SQL)
+        return value if isinstance(value, datetime) else None
