@@ -66,7 +66,7 @@ class VerifyStepName(StrEnum):
 class VerifyStep(msgspec.Struct, frozen=True):
     step: VerifyStepName
     ok: bool
-    code: str | None
+    code: ErrorCode | None
     detail: str
 
 
@@ -79,6 +79,11 @@ class VerifyResult(msgspec.Struct, frozen=True):
     ok: bool
     incoming: ServerCheck
     outgoing: ServerCheck
+
+
+def _step(step: VerifyStepName, ok: bool, code: str | None, detail: str) -> VerifyStep:
+    """A step whose ``code`` came from a lower layer as a string (a catalogue member)."""
+    return VerifyStep(step, ok, None if code is None else ErrorCode(code), detail)
 
 
 def _check(steps: list[VerifyStep]) -> ServerCheck:
@@ -163,7 +168,7 @@ class AccountVerifier:
                     )
                 )
         except ConnectFailure as exc:
-            steps.append(VerifyStep(VerifyStepName.CONNECT, False, exc.code, exc.detail))
+            steps.append(_step(VerifyStepName.CONNECT, False, exc.code, exc.detail))
         except (TLSRequired, TLSCertificateInvalid) as exc:
             self._pop3_connected(account, steps)
             steps.append(VerifyStep(VerifyStepName.TLS, False, exc.code, exc.detail))
@@ -187,7 +192,7 @@ class AccountVerifier:
         if any(s.step is VerifyStepName.CONNECT for s in steps):  # greeted: auth or STAT
             done = {s.step for s in steps if s.ok}
             step = VerifyStepName.MAILBOX if VerifyStepName.AUTH in done else VerifyStepName.AUTH
-            steps.append(VerifyStep(step, False, exc.code, exc.detail))
+            steps.append(_step(step, False, exc.code, exc.detail))
             return
         if isinstance(exc, POP3TimeoutError) and incoming.security is not Security.TLS:
             # No greeting: a port that waits for a TLS handshake never sends one.
@@ -219,7 +224,7 @@ class AccountVerifier:
             self._pop3_connected(account, steps)
             steps.append(VerifyStep(VerifyStepName.TLS, False, exc.code, exc.detail))
             return
-        steps.append(VerifyStep(VerifyStepName.CONNECT, False, exc.code, exc.detail))
+        steps.append(_step(VerifyStepName.CONNECT, False, exc.code, exc.detail))
 
     # -- SMTP ---------------------------------------------------------------------------
 
@@ -231,7 +236,7 @@ class AccountVerifier:
             async with asyncio.timeout_at(end):
                 server = await self._connector.smtp_server(account, credentials.outgoing_password)
         except ConnectFailure as exc:
-            return _check([VerifyStep(VerifyStepName.CONNECT, False, exc.code, exc.detail)])
+            return _check([_step(VerifyStepName.CONNECT, False, exc.code, exc.detail)])
         except TimeoutError:
             return _check([_cut_short(VerifyStepName.CONNECT, self._timeout_s)])
         server = dataclasses.replace(server, timeouts=self._smtp_timeouts())
@@ -241,7 +246,7 @@ class AccountVerifier:
             timeout_s=max(end - loop.time(), MIN_REMAINING_S),
             time_limit_s=self._timeout_s,
         )
-        steps = [VerifyStep(VerifyStepName(s.step.value), s.ok, s.code, s.detail) for s in found]
+        steps = [_step(VerifyStepName(s.step.value), s.ok, s.code, s.detail) for s in found]
         if steps and not steps[-1].ok:
             try:
                 async with asyncio.timeout_at(end):
