@@ -7,7 +7,7 @@ and ratios are printed. All three use plain POP3 on loopback (no TLS) so the com
 is of the clients, not of the ciphers. Then the service retrieves 10,000 such messages
 and its peak RSS (VmHWM) is read from /proc.
 
-(a) Mailroom: POST a retrieval over HTTP, poll until it has succeeded, then list every
+(a) Mailroom: POST a retrieval over HTTP, long-poll (``?wait=``) until it has ended, then list every
     message (pages of 500) to prove they are all queryable. A fresh database each run.
 (b) fetchmail: keep, fetchall, written to one BSMTP file (no MDA process per message).
 (c) mpop: keep, to an mbox, a fresh UIDL file each run.
@@ -38,6 +38,7 @@ REPEATS = 5
 MESSAGE_BYTES = 10 * 1024
 RSS_MESSAGES = 10_000
 PAGE = 500
+WAIT_S = 60  # the service's bound for GET .../retrievals/{id}?wait=
 
 
 def make_message(i: int) -> bytes:
@@ -84,10 +85,14 @@ def run_service(dovecot_host: str, port: int, mailbox: Mailbox, expect: int) -> 
             started = time.perf_counter()
             retrieval = client.post(f"/v1/accounts/{account}/retrievals").json()["id"]
             while True:
-                state = client.get(f"/v1/accounts/{account}/retrievals/{retrieval}").json()
-                if state["status"] in ("succeeded", "failed"):
+                # A long poll: the answer comes when the retrieval ends (no busy polling).
+                state = client.get(
+                    f"/v1/accounts/{account}/retrievals/{retrieval}",
+                    params={"wait": WAIT_S},
+                    timeout=WAIT_S + 10,
+                ).json()
+                if state["status"] in ("succeeded", "failed", "cancelled"):
                     break
-                time.sleep(0.005)
             if state["status"] != "succeeded":
                 raise SystemExit(f"retrieval failed: {state}")
             listed, cursor = 0, None

@@ -48,7 +48,7 @@ from service.api.problems import (
 from service.api.requests import AllowHeaderMiddleware, RequestSchemaPlugin, StrictJSONRequest
 from service.api.retrievals import MessageController, RetrievalController
 from service.api.spec import MailroomOpenAPIConfig, ResponseSchemaPlugin
-from service.config import DEFAULT_TENANT, Settings
+from service.config import DEFAULT_TENANT, Role, Settings
 from service.crypto import CredentialCipher, load_or_create_keys
 from service.docs import OfflineSwaggerRenderPlugin
 from service.domain.ids import new_id
@@ -60,6 +60,7 @@ from service.repository.api_keys import ApiKeyRepository
 from service.repository.errors import RepositoryError, StorageFullError, StoreUnavailableError
 from service.repository.stats import StatsRepository
 from service.repository.store import create_store
+from service.roles import QueuingRetrievalService, queued_claimer
 from service.services.accounts import AccountService
 from service.services.connect import MailConnector
 from service.services.delivery import DeliveryPolicy, DeliveryWorker
@@ -181,7 +182,11 @@ def create_app(settings: Settings) -> Litestar:
             exclusive = store.kind == "sqlite"
             retrievals = store.retrievals
             messages = store.messages
-            retrieval = RetrievalService(
+            # An API-only process stores retrieval triggers for the workers (service.roles).
+            retrieval_service = (
+                QueuingRetrievalService if settings.role is Role.API else RetrievalService
+            )
+            retrieval = retrieval_service(
                 accounts=accounts,
                 account_repo=account_repo,
                 retrievals=retrievals,
@@ -239,28 +244,55 @@ def create_app(settings: Settings) -> Litestar:
                 notifier=store.notifier,
             )
             app.state.delivery = delivery
+            runs_work = settings.role.runs_work
+            # A worker takes over the retrievals API-only processes queued (PostgreSQL).
+            claimer = (
+                queued_claimer(
+                    retrievals,
+                    account_repo=account_repo,
+                    service=retrieval,
+                    notifier=store.notifier,
+                    owner=owner,
+                    lease_s=settings.lease_s,
+                )
+                if runs_work
+                else None
+            )
+            load_keys = not settings.api_keys and settings.role.serves_api
             steps: list[StartupStep] = [
-                *([] if settings.api_keys else [("load the API keys", load_stored_keys)]),
-                ("close interrupted retrievals", retrieval.start),
-                # The delivery dispatcher starts only once its recovery succeeded.
-                ("requeue interrupted deliveries", delivery.start),
+                *([("load the API keys", load_stored_keys)] if load_keys else []),
+                *(
+                    [
+                        ("close interrupted retrievals", retrieval.start),
+                        # The delivery dispatcher starts only once its recovery succeeded.
+                        ("requeue interrupted deliveries", delivery.start),
+                    ]
+                    if runs_work
+                    else []
+                ),
             ]
             pending = pending + steps if pending else await _run_startup_steps(steps)
             recovery = asyncio.create_task(_retry_startup_steps(pending), name="startup recovery")
             # After every subscription above; wake-ups are hints, polling is the fallback.
             await store.notifier.start()
-            scheduler.start()
+            if runs_work:
+                scheduler.start()
+                if claimer is not None:
+                    claimer.start()
             try:
                 yield
             finally:
                 recovery.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await recovery
-                await scheduler.stop()
-                # In-flight sends get their grace period; unfinished messages are queued
-                # again before the database closes.
-                await delivery.stop()
-                await retrieval.stop()
+                if runs_work:
+                    if claimer is not None:
+                        await claimer.stop()
+                    await scheduler.stop()
+                    # In-flight sends get their grace period; unfinished messages are
+                    # queued again before the database closes.
+                    await delivery.stop()
+                    await retrieval.stop()
                 await store.notifier.stop()
         finally:
             await store.close()
@@ -311,7 +343,8 @@ def create_app(settings: Settings) -> Litestar:
         },
     )
     app = Litestar(
-        route_handlers=[HealthController, get_metrics, v1],
+        # A worker serves only /health, /ready and /metrics.
+        route_handlers=[HealthController, get_metrics, *([v1] if settings.role.serves_api else [])],
         lifespan=[lifespan],
         openapi_config=openapi_config(),
         exception_handlers={

@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Literal
 
@@ -37,6 +38,27 @@ class ConfigError(ValueError):
     """A ``MAILROOM_*`` variable has a bad value; the message names it."""
 
 
+class Role(StrEnum):
+    """What one process does (``MAILROOM_ROLE``)."""
+
+    #: The HTTP API and the background work (delivery, retrievals, scheduler): one command.
+    ALL = "all"
+    #: Only the HTTP API: sends and retrieval triggers are stored for workers to run.
+    API = "api"
+    #: Only the background work; HTTP serves /health, /ready and /metrics.
+    WORKER = "worker"
+
+    @property
+    def serves_api(self) -> bool:
+        """Whether this process serves the ``/v1`` API."""
+        return self is not Role.WORKER
+
+    @property
+    def runs_work(self) -> bool:
+        """Whether this process delivers, retrieves and runs the scheduler."""
+        return self is not Role.API
+
+
 class ApiKey(msgspec.Struct, frozen=True):
     """A configured bearer key and the tenant it acts for."""
 
@@ -48,6 +70,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     """Everything configurable. Defaults give a working single-machine service."""
 
     database: str = "./data/mailroom.db"
+    role: Role = Role.ALL
     db_pool_size: int = 10  # PostgreSQL: connections per process
     # Seconds a store operation may wait for a connection or a statement before it gives up
     # (503 ``storage_unavailable``), so an unreachable database never hangs a request.
@@ -151,6 +174,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
         if (value := get("DATABASE")) is not None:
             database_kind(value)  # an unknown scheme fails here, at start
             kwargs["database"] = value
+        if (value := get("ROLE")) is not None:
+            try:
+                kwargs["role"] = Role(value.lower())
+            except ValueError:
+                raise ConfigError("MAILROOM_ROLE: must be 'all', 'api' or 'worker'") from None
         if (value := get("HOST")) is not None:
             kwargs["host"] = value
         if (value := get("PORT")) is not None:
@@ -222,6 +250,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             raise ConfigError(
                 "MAILROOM_SECRET_KEY: required with a PostgreSQL database (every replica"
                 " needs the same key)"
+            )
+        if settings.store_kind == "sqlite" and settings.role is not Role.ALL:
+            # One SQLite file has one writer: an api and a worker process would be two.
+            raise ConfigError(
+                f"MAILROOM_ROLE: {settings.role.value!r} needs a PostgreSQL database; with"
+                " SQLite one process does everything (MAILROOM_ROLE=all)"
             )
         return settings
 

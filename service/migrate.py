@@ -79,7 +79,11 @@ VERIFY_BATCH_ROWS = 500
 LOCK_TIMEOUT = "30s"
 CONNECT_TIMEOUT_S = 30.0
 # Bookkeeping of each store's own migrations: never copied, never checked for rows.
-SKIPPED_TABLES = frozenset({"schema_version"})
+# The SQLite trigram index (FTS5 and its shadow tables): PostgreSQL builds its own.
+SKIPPED_TABLES = frozenset(
+    {"schema_version", "messages_fts"}
+    | {f"messages_fts_{part}" for part in ("data", "idx", "docsize", "config")}
+)
 # Stored credentials: (table, column, the field bound into each ciphertext with the row's id).
 CREDENTIAL_COLUMNS = (
     ("accounts", "in_password", IN_PASSWORD),

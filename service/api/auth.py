@@ -34,8 +34,13 @@ class KeyRing:
         return found
 
 
-def require_api_key(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def require_api_key(
+    connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+) -> None:
     """Guard: resolve the bearer key to a tenant, stored on the connection's state.
+
+    A coroutine on purpose: Litestar runs a plain function guard in its thread pool, a hop
+    per request for a few microseconds of hashing.
 
     Two Authorization headers are 400 ``ambiguous_header``: a proxy and the service could
     each read a different one. Before the stored keys are loaded (the store is not readable

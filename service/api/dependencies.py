@@ -31,5 +31,11 @@ OutgoingId = Annotated[
 ]
 AttachmentIndex = Annotated[
     int,
-    PathParameter(ge=0, le=MAX_ATTACHMENT_INDEX, description="`index` from the attachment list"),
+    PathParameter(
+        ge=0,
+        le=MAX_ATTACHMENT_INDEX,
+        description="`index` from the attachment list",
+        # Litestar leaves a bound of 0 out of the schema (it tests truthiness).
+        schema_extra={"minimum": 0},
+    ),
 ]

@@ -34,7 +34,7 @@ from service.api.schemas import MessageDetail, MessageSummaryList, RetrievalList
 from service.codes import ErrorCode
 from service.domain.retrievals import MessageFilter, Retrieval
 from service.mail.parse import safe_content_disposition
-from service.services.retrieval import CANCEL_WAIT_S
+from service.services.retrieval import CANCEL_WAIT_S, MAX_WAIT_S
 
 _MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,63}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
@@ -94,7 +94,10 @@ class RetrievalController(Controller):
         operation_id="GetRetrieval",
         summary="Get a retrieval with its progress and outcome",
         description="Counts grow while it runs; `status` ends `succeeded`, `failed` or"
-        " `cancelled`, and `error` says why it did not succeed.",
+        " `cancelled`, and `error` says why it did not succeed. With `wait`, the answer"
+        " comes when the retrieval ends or when that many seconds have passed, whichever"
+        f" is first (a long poll; at most {MAX_WAIT_S} s, 422 `validation_error` above):"
+        " `status` says which.",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def get_retrieval(
@@ -103,7 +106,20 @@ class RetrievalController(Controller):
         retrieval_id: RetrievalId,
         tenant: Tenant,
         retrievals: Retrievals,
+        wait: Annotated[
+            float | None,
+            QueryParameter(
+                ge=0,
+                le=MAX_WAIT_S,
+                # Litestar leaves a bound of 0 out of the schema (it tests truthiness).
+                schema_extra={"minimum": 0},
+                description="Seconds to wait for the retrieval to end before answering"
+                f" (at most {MAX_WAIT_S}); without it, the answer is immediate",
+            ),
+        ] = None,
     ) -> Retrieval:
+        if wait:
+            return await retrievals.wait(tenant, account_id, retrieval_id, wait)
         return await retrievals.get(tenant, account_id, retrieval_id)
 
     @post(
@@ -169,12 +185,24 @@ class MessageController(Controller):
         subject: Annotated[
             str | None, QueryParameter(max_length=200, description="`subject` contains this")
         ] = None,
+        to: Annotated[
+            str | None,
+            QueryParameter(max_length=200, description="one of the `to` addresses contains this"),
+        ] = None,
+        q: Annotated[
+            str | None,
+            QueryParameter(
+                max_length=200, description="`subject`, `from` or one of `to` contains this"
+            ),
+        ] = None,
         has_attachments: Annotated[bool | None, QueryParameter()] = None,
     ) -> MessageSummaryList:
         flt = MessageFilter(
             since=parse_timestamp(since, "since"),
             from_contains=from_,
             subject_contains=subject,
+            to_contains=to,
+            text_contains=q,
             has_attachments=has_attachments,
         )
         page = await messages.page(tenant, account_id, flt, after=after_of(cursor), limit=limit)

@@ -63,7 +63,15 @@ class NewMessage(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class MessageFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """What a message list keeps; substring filters ignore (ASCII) case.
+
+    ``text_contains`` (the API's ``q``) matches when the subject, the sender or any
+    ``to`` address contains it.
+    """
+
     since: datetime | None = None
     from_contains: str | None = None
     subject_contains: str | None = None
+    to_contains: str | None = None
+    text_contains: str | None = None
     has_attachments: bool | None = None

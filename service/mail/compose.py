@@ -152,7 +152,7 @@ def compose(draft: Draft) -> ComposedMessage:
 
 def _compose(draft: Draft, *, allow_simple: bool) -> ComposedMessage:
     """``compose``; ``allow_simple=False`` always takes the ``email`` package's body path
-    (tests compare the two)."""
+    and its generator for the headers (tests compare the two)."""
     sender = parse_address(draft.from_address, field="from")
     from_name = _optional_name(draft.from_name, "from_name")
     to = _parse_list(draft.to, "to")
@@ -201,7 +201,9 @@ def _compose(draft: Draft, *, allow_simple: bool) -> ComposedMessage:
         content_headers, body = simple
         # Headers without the MIME ones (the generator would act on a Content-Type),
         # then those, already folded, then the body.
-        head = _crlf_only(message.as_bytes(policy=policy))[: -len(b"\r\n")]
+        head = _known_head(message, policy.max_line_length) if allow_simple else None
+        if head is None:
+            head = _crlf_only(message.as_bytes(policy=policy))[: -len(b"\r\n")]
         data = head + content_headers + b"\r\n" + body
     _check_line_lengths(data)
     return ComposedMessage(
@@ -322,6 +324,8 @@ def _body(value: str | None, field_name: str) -> str | None:
             f"{describe_char(value[exc.start])} at position {exc.start} cannot be encoded",
             MailErrorCode.INVALID_BODY,
         ) from exc
+    if "\r" not in value:
+        return value  # only LF breaks already: the substitution below would change nothing
     # A lone CR or LF must become a real line break, never travel bare (SMTP smuggling).
     return _LINE_BREAK.sub("\n", value)
 
@@ -438,6 +442,26 @@ def _part_headers(subtype: str) -> bytes:
     return (
         f'Content-Type: text/{subtype}; charset="utf-8"\r\nContent-Transfer-Encoding: 7bit\r\n'
     ).encode("ascii")
+
+
+def _known_head(message: EmailMessage, max_line: int | None) -> bytes | None:
+    """The header block the generator would write, when its output is known, else None.
+
+    Known when every header was stored raw (:func:`_set_text`, printable ASCII) and fits
+    one line: the policy then writes ``name: value`` CRLF unchanged. A header object (set
+    through the header parser) or a line to refold is left to the generator.
+    """
+    limit = max_line or MAX_LINE_OCTETS
+    lines = []
+    for name, value in message.raw_items():
+        if (
+            hasattr(value, "name")  # a header object: the policy folds it itself
+            or len(name) + 2 + len(value) > limit
+            or not (value.isascii() and value.isprintable())
+        ):
+            return None
+        lines.append(f"{name}: {value}\r\n")
+    return "".join(lines).encode("ascii")
 
 
 def _check_line_lengths(data: bytes) -> None:

@@ -7,8 +7,9 @@ may the retrieval DELE the message on the server.
 
 from __future__ import annotations
 
+import enum
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -25,7 +26,61 @@ _COLUMNS = (
     "id, account_id, uidl, size, retrieved_at, message_id, from_addr, to_json, cc_json,"
     " subject, date, has_attachments"
 )
+_M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 _LIST_DECODER = msgspec.json.Decoder(list[str])
+
+# A substring filter first scans this many of the newest rows (about a millisecond): one
+# that matches often fills its page there, where the trigram index would hand back every
+# match in the account to sort. Bigger pages scan proportionally more.
+SCAN_WINDOW = 1000
+SCAN_WINDOW_PER_ROW = 20
+# The trigram index finds substrings of at least this many characters; a shorter one
+# matches so many rows that reading newest first is the fast plan anyway.
+TRIGRAM = 3
+
+
+class FilterColumn(enum.Enum):
+    """What a substring filter looks in (``TEXT``: subject, sender or any ``to`` address)."""
+
+    SUBJECT = "subject"
+    FROM = "from_addr"
+    TO = "to_json"
+    TEXT = "text"
+
+
+_SUBJECT = "instr(lower(m.subject), lower(?)) > 0"
+_FROM = "instr(lower(m.from_addr), lower(?)) > 0"
+_TO = "EXISTS (SELECT 1 FROM json_each(m.to_json) t WHERE instr(lower(t.value), lower(?)) > 0)"
+# The exact predicates (an index only narrows) and how many times each binds the needle.
+_SQLITE_CONTAINS = {
+    FilterColumn.SUBJECT: (_SUBJECT, 1),
+    FilterColumn.FROM: (_FROM, 1),
+    FilterColumn.TO: (_TO, 1),
+    FilterColumn.TEXT: (f"({_SUBJECT} OR {_FROM} OR {_TO})", 3),
+}
+
+
+def substring_filters(flt: MessageFilter) -> list[tuple[FilterColumn, str]]:
+    """The substring filters asked for, with what each looks in."""
+    pairs = [
+        (FilterColumn.SUBJECT, flt.subject_contains),
+        (FilterColumn.FROM, flt.from_contains),
+        (FilterColumn.TO, flt.to_contains),
+        (FilterColumn.TEXT, flt.text_contains),
+    ]
+    return [(column, needle) for column, needle in pairs if needle]
+
+
+def fts_match(flt: MessageFilter) -> str | None:
+    """The FTS5 query that narrows ``flt`` to candidate rows, or None when none helps."""
+    terms = []
+    for column, needle in substring_filters(flt):
+        if len(needle) < TRIGRAM:
+            continue
+        phrase = '"' + needle.replace('"', '""') + '"'
+        names = "subject from_addr to_json" if column is FilterColumn.TEXT else column.value
+        terms.append(f"{{{names}}} : {phrase}")
+    return " AND ".join(terms) or None
 
 
 class KnownUidl(msgspec.Struct, frozen=True):
@@ -33,9 +88,28 @@ class KnownUidl(msgspec.Struct, frozen=True):
     seen_at: datetime
 
 
+class UidlComparison(msgspec.Struct, frozen=True, kw_only=True):
+    """The server's UIDL list compared with what the store knows of the account.
+
+    ``new``: listed UIDLs the store has never seen (to download, or skip if too big);
+    ``deletable``: listed UIDLs of stored messages that the deletion rule removes now.
+    """
+
+    new: frozenset[str]
+    deletable: frozenset[str]
+
+
 class MessageRepository(Protocol):
     async def known(self, account_id: str) -> dict[str, KnownUidl]: ...
     async def forget(self, account_id: str, uidls: Iterable[str]) -> None: ...
+    async def compare_uidls(
+        self,
+        account_id: str,
+        listed: Sequence[str],
+        *,
+        delete_stored: bool = False,
+        delete_seen_until: datetime | None = None,
+    ) -> UidlComparison: ...
     async def store_batch(
         self,
         account_id: str,
@@ -60,6 +134,8 @@ class SQLiteMessageRepository:
         self._db = db
 
     async def known(self, account_id: str) -> dict[str, KnownUidl]:
+        """Every UIDL the store knows for the account (loads them all: inspection only;
+        a retrieval uses :meth:`compare_uidls`)."""
         rows = await self._db.fetch_all(
             "SELECT uidl, state, seen_at FROM server_messages WHERE account_id = ?",
             (account_id,),
@@ -78,6 +154,44 @@ class SQLiteMessageRepository:
             await conn.executemany(
                 "DELETE FROM server_messages WHERE account_id = ? AND uidl = ?", params
             )
+
+    async def compare_uidls(
+        self,
+        account_id: str,
+        listed: Sequence[str],
+        *,
+        delete_stored: bool = False,
+        delete_seen_until: datetime | None = None,
+    ) -> UidlComparison:
+        """Compare the server's UIDL list with the known ones, in SQL: forget known UIDLs
+        the server no longer lists, and return only the new ones and the deletable ones.
+
+        Deletable: stored (not skipped) and either ``delete_stored`` or seen at or before
+        ``delete_seen_until``. The known UIDLs never come into Python, so an account that
+        knows 100,000 costs no memory for them.
+        """
+        # One JSON array parameter, joined by key (json_each): no temporary table to
+        # create and drop, and no statement per UIDL.
+        server = msgspec.json.encode(list(listed)).decode()
+        until = None if delete_seen_until is None else to_text(delete_seen_until)
+        async with self._db.transaction() as conn:
+            # NOT IN over a subquery: SQLite builds one ephemeral index of the list.
+            await conn.execute(
+                "DELETE FROM server_messages WHERE account_id = ?1"
+                " AND uidl NOT IN (SELECT value FROM json_each(?2))",
+                (account_id, server),
+            )
+            cursor = await conn.execute(
+                "SELECT j.value, s.uidl IS NULL FROM json_each(?2) j"
+                " LEFT JOIN server_messages s ON s.account_id = ?1 AND s.uidl = j.value"
+                " WHERE s.uidl IS NULL"
+                " OR (s.state = ?3 AND (?4 OR s.seen_at <= ?5))",
+                (account_id, server, ServerMessageState.STORED.value, delete_stored, until),
+            )
+            rows = await cursor.fetchall()
+        new = frozenset(str(row[0]) for row in rows if row[1])
+        deletable = frozenset(str(row[0]) for row in rows if not row[1])
+        return UidlComparison(new=new, deletable=deletable)
 
     async def store_batch(
         self,
@@ -133,25 +247,54 @@ class SQLiteMessageRepository:
     async def page(
         self, account_id: str, flt: MessageFilter, *, after: str | None, limit: int
     ) -> Page[MessageSummary]:
-        """Newest first, filtered."""
-        where = ["account_id = ?", "id < ?"]
+        """Newest first, filtered (substring filters ignore ASCII case).
+
+        Two exact plans, cheapest first: scan the newest ``SCAN_WINDOW`` rows (a filter
+        that matches often fills the page there), else go through an index to the few
+        rows that match (the trigram index for substrings, ``retrieved_at`` for ``since``).
+        """
+        where = ["m.account_id = ?", "m.id < ?"]
         params: list[object] = [account_id, after or "~"]
         if flt.since is not None:
-            where.append("retrieved_at >= ?")
+            where.append("m.retrieved_at >= ?")
             params.append(to_text(flt.since))
-        if flt.from_contains:
-            where.append("instr(lower(from_addr), lower(?)) > 0")
-            params.append(flt.from_contains)
-        if flt.subject_contains:
-            where.append("instr(lower(subject), lower(?)) > 0")
-            params.append(flt.subject_contains)
+        for column, needle in substring_filters(flt):
+            predicate, binds = _SQLITE_CONTAINS[column]
+            where.append(predicate)
+            params.extend([needle] * binds)
         if flt.has_attachments is not None:
-            where.append("has_attachments = ?")
+            where.append("m.has_attachments = ?")
             params.append(int(flt.has_attachments))
+        condition = " AND ".join(where)
+        match = fts_match(flt)
+        if match is None and flt.since is None:
+            # Nothing an index narrows better than the (account, has_attachments, id) or
+            # (account, id) index read newest first.
+            rows = await self._db.fetch_all(
+                f"SELECT {_M_COLUMNS} FROM messages m WHERE {condition} ORDER BY m.id DESC LIMIT ?",
+                (*params, limit + 1),
+            )
+            return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
+        window = max(SCAN_WINDOW, (limit + 1) * SCAN_WINDOW_PER_ROW)
         rows = await self._db.fetch_all(
-            f"SELECT {_COLUMNS} FROM messages WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ?",
-            (*params, limit + 1),
+            f"SELECT {_M_COLUMNS} FROM (SELECT * FROM messages WHERE account_id = ? AND id < ?"
+            f" ORDER BY id DESC LIMIT ?) m WHERE {condition} ORDER BY m.id DESC LIMIT ?",
+            (account_id, after or "~", window, *params, limit + 1),
         )
+        if len(rows) <= limit:
+            if match is not None:
+                rows = await self._db.fetch_all(
+                    f"SELECT {_M_COLUMNS} FROM messages_fts f CROSS JOIN messages m"
+                    f" ON m.rowid = f.rowid WHERE messages_fts MATCH ? AND {condition}"
+                    " ORDER BY m.id DESC LIMIT ?",
+                    (match, *params, limit + 1),
+                )
+            else:
+                rows = await self._db.fetch_all(
+                    f"SELECT {_M_COLUMNS} FROM messages m INDEXED BY messages_retrieved"
+                    f" WHERE {condition} ORDER BY m.id DESC LIMIT ?",
+                    (*params, limit + 1),
+                )
         return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
 
     async def get(self, account_id: str, message_id: str) -> MessageSummary | None:

@@ -178,10 +178,41 @@ ALTER TABLE retrievals ADD COLUMN lease_until TEXT;
 CREATE INDEX retrievals_account_created ON retrievals (account_id, created_at)
 """
 
+V6_MESSAGE_FILTERS = """
+-- Substring filters (subject, from, to, q) through a trigram index: FTS5 over the message
+-- rows (external content: the text is not stored twice), keyed by the messages' rowid and
+-- kept in step by triggers. The service never VACUUMs (which may renumber rowids); after a
+-- manual VACUUM, INSERT INTO messages_fts (messages_fts) VALUES ('rebuild') re-keys it.
+CREATE VIRTUAL TABLE messages_fts USING fts5 (
+    subject, from_addr, to_json, content = 'messages', tokenize = 'trigram'
+);
+INSERT INTO messages_fts (messages_fts) VALUES ('rebuild');
+-- Inside a trigger a statement's semicolon starts the next line: migrations are split
+-- at a semicolon that ends a line.
+CREATE TRIGGER messages_fts_insert AFTER INSERT ON messages BEGIN
+    INSERT INTO messages_fts (rowid, subject, from_addr, to_json)
+    VALUES (new.rowid, new.subject, new.from_addr, new.to_json)
+; END;
+CREATE TRIGGER messages_fts_delete AFTER DELETE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, subject, from_addr, to_json)
+    VALUES ('delete', old.rowid, old.subject, old.from_addr, old.to_json)
+; END;
+CREATE TRIGGER messages_fts_update AFTER UPDATE ON messages BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, subject, from_addr, to_json)
+    VALUES ('delete', old.rowid, old.subject, old.from_addr, old.to_json)
+    ; INSERT INTO messages_fts (rowid, subject, from_addr, to_json)
+    VALUES (new.rowid, new.subject, new.from_addr, new.to_json)
+; END;
+-- since: the messages retrieved after a time; has_attachments: newest first among them.
+CREATE INDEX messages_retrieved ON messages (account_id, retrieved_at);
+CREATE INDEX messages_attachments ON messages (account_id, has_attachments, id)
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, V1_ACCOUNTS),
     (2, V2_RETRIEVALS),
     (3, V3_OUTBOX),
     (4, V4_SMTP_PAUSE),
     (5, V5_LEASES),
+    (6, V6_MESSAGE_FILTERS),
 ]

@@ -30,6 +30,10 @@ class Topic(StrEnum):
     OUTGOING = "outgoing"
     #: A caller cancelled a retrieval (key: its id) that another process may be running.
     RETRIEVAL_CANCEL = "retrieval_cancel"
+    #: A retrieval (key: its id) has ended: wake the callers long-polling it.
+    RETRIEVAL_ENDED = "retrieval_ended"
+    #: An API-only process stored a queued retrieval (key: its id) for a worker to claim.
+    RETRIEVAL_QUEUED = "retrieval_queued"
 
 
 class Notifier(Protocol):

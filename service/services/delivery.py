@@ -110,7 +110,7 @@ from service.smtp.errors import reply_text, stage_words
 
 logger = logging.getLogger("mailroom.delivery")
 
-CLAIM_BATCH = 10  # messages one session takes at a time (others' sessions take the rest)
+CLAIM_BATCH = 50  # messages one session claims per round trip (others' sessions take the rest)
 MAX_MESSAGES_PER_SESSION = 200  # then the session ends and its slot is planned afresh
 SESSION_IDLE_S = 1.0  # an emptied session waits this long for new mail before QUIT
 SHUTDOWN_GRACE_S = 10.0  # sends in progress at shutdown get this long to finish

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -45,7 +46,7 @@ import msgspec
 from service.codes import ErrorCode
 from service.config import MIN_RATE_WINDOW_S
 from service.domain.accounts import Account
-from service.domain.enums import RetrievalStatus, RetrievalTrigger, ServerMessageState
+from service.domain.enums import RetrievalStatus, RetrievalTrigger
 from service.domain.ids import new_id
 from service.domain.retrievals import (
     MessageSummary,
@@ -62,7 +63,7 @@ from service.pop3.client import POP3Client
 from service.pop3.errors import MessageTooLarge, POP3Error, POP3TimeoutError
 from service.repository.accounts import AccountRepository
 from service.repository.errors import DuplicateError, RepositoryError
-from service.repository.messages import KnownUidl, MessageRepository
+from service.repository.messages import MessageRepository
 from service.repository.notify import Notifier, Topic
 from service.repository.pages import Page
 from service.repository.retrievals import RetrievalRepository
@@ -76,6 +77,9 @@ logger = logging.getLogger("mailroom.retrieval")
 # 2,000 small messages, bounded in memory for large ones.
 BATCH_MESSAGES = 500
 BATCH_BYTES = 8 * 1024 * 1024
+#: Messages handed to the parsing thread at a time: small enough that parsing keeps up
+#: with the download, large enough that the hand-over costs little.
+PARSE_CHUNK = 50
 SECONDS_PER_DAY = 86_400
 #: How long a cancel request waits for the retrieval to stop before answering anyway.
 CANCEL_WAIT_S = 30.0
@@ -85,6 +89,12 @@ CANCEL_POLL_S = 0.25
 #: (a full disk); the last one repeats until it is recorded or the service stops.
 FINISH_RETRY_DELAYS_S = (1.0, 2.0, 5.0, 15.0, 30.0, 60.0)
 ACTIVE_STATUSES = (RetrievalStatus.QUEUED, RetrievalStatus.RUNNING)
+#: The longest a caller may wait for a retrieval to end (``GET ...?wait=``), in seconds:
+#: below common proxy and load-balancer idle timeouts.
+MAX_WAIT_S = 60
+#: How often a waiting caller re-reads the retrieval anyway (a wake-up is only a hint: one
+#: lost between processes costs this much, nothing more).
+WAIT_POLL_S = 1.0
 
 RetrievalObserver = Callable[[Retrieval], Awaitable[None]]
 
@@ -169,6 +179,12 @@ class RetrievalService:
         self._unrecorded: dict[str, _Outcome] = {}
         self._recorders: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Retrieval id -> the event its long-polling callers wait on, and how many they are.
+        self._waiters: dict[str, tuple[asyncio.Event, int]] = {}
+        # Header parsing runs here, off the event loop, while the next messages download.
+        # One thread: chunks are summarized in the order they arrive, so message ids
+        # (time-ordered) follow the server's order.
+        self._parser = ThreadPoolExecutor(1, thread_name_prefix="mailroom-parse")
         self._heartbeat = Periodic(
             "retrieval lease renewal", self._lease_s / RENEWALS_PER_LEASE, self._renew
         )
@@ -177,6 +193,7 @@ class RetrievalService:
         )
         if notifier is not None:
             notifier.subscribe(Topic.RETRIEVAL_CANCEL, self._cancel_requested)
+            notifier.subscribe(Topic.RETRIEVAL_ENDED, self._wake)
 
     async def start(self) -> None:
         """Close out retrievals a stopped process left running; renew this process's
@@ -221,6 +238,7 @@ class RetrievalService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._parser.shutdown(wait=False)
         await self._heartbeat.stop()
 
     async def trigger(
@@ -289,6 +307,23 @@ class RetrievalService:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _: self._slots.pop(retrieval.id, None))
         return retrieval
+
+    @property
+    def free_slots(self) -> int:
+        """How many more retrievals this process may run now."""
+        return max(0, self._max_concurrent - len(self._slots))
+
+    def adopt(self, account: Account, retrieval: Retrieval) -> None:
+        """Run a queued retrieval this process has claimed from the store (an API-only
+        process stored it); its row is already held under this process's lease."""
+        slot = self._slots[retrieval.id] = _Slot(account.tenant, account.id)
+        slot.inserted = True
+        run = slot.run = _Run(self, account, retrieval)
+        task = asyncio.create_task(self._run(run), name=f"retrieval {retrieval.id}")
+        slot.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._slots.pop(retrieval.id, None))
 
     async def _check_tenant_share(self, tenant: str) -> None:
         """The tenant's share counted across processes: its active retrievals in the store
@@ -367,6 +402,7 @@ class RetrievalService:
             retrieval_id, outcome.status, outcome.finished_at, outcome.progress, outcome.error
         )
         self._unrecorded.pop(retrieval_id, None)
+        self._announce_end(retrieval_id)
 
     async def cancel(self, tenant: str, account_id: str, retrieval_id: str) -> Retrieval:
         """Stop a retrieval at its next safe point and return it as it ended.
@@ -436,6 +472,49 @@ class RetrievalService:
         slot = self._slots.get(retrieval_id)
         if slot is not None and slot.task is not None and slot.run is not None:
             slot.run.request_cancel(slot.task)
+
+    def _announce_end(self, retrieval_id: str) -> None:
+        """Wake the callers waiting for this retrieval, in every process."""
+        if self._notifier is not None:
+            self._notifier.publish(Topic.RETRIEVAL_ENDED, retrieval_id)
+        else:
+            self._wake(retrieval_id)
+
+    def _wake(self, retrieval_id: str) -> None:
+        waiting = self._waiters.get(retrieval_id)
+        if waiting is not None:
+            waiting[0].set()
+
+    async def wait(
+        self, tenant: str, account_id: str, retrieval_id: str, timeout_s: float
+    ) -> Retrieval:
+        """The retrieval once it has ended, or as it is when ``timeout_s`` has passed.
+
+        Woken by the end of the retrieval (in this process, or in another through the
+        notifier), and re-read every :data:`WAIT_POLL_S` in case a wake-up was lost.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(timeout_s, MAX_WAIT_S)
+        # Registered before the first read, so an end between the read and the wait wakes it.
+        event, count = self._waiters.get(retrieval_id, (asyncio.Event(), 0))
+        self._waiters[retrieval_id] = (event, count + 1)
+        try:
+            current = await self.get(tenant, account_id, retrieval_id)
+            while current.status in ACTIVE_STATUSES:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, WAIT_POLL_S)):
+                        await event.wait()
+                current = await self.get(tenant, account_id, retrieval_id)
+            return current
+        finally:
+            event, count = self._waiters[retrieval_id]
+            if count > 1:
+                self._waiters[retrieval_id] = (event, count - 1)
+            else:
+                del self._waiters[retrieval_id]
 
     async def get(self, tenant: str, account_id: str, retrieval_id: str) -> Retrieval:
         await self._accounts.get(tenant, account_id)
@@ -550,6 +629,8 @@ class RetrievalService:
             )
             self._recorders.add(recorder)
             recorder.add_done_callback(self._recorders.discard)
+            # Ended all the same (``get`` answers with the unrecorded end): wake the waiters.
+            self._wake(retrieval.id)
         if self._on_finished is not None:
             # Everything the store holds (or will hold) for it is here already: no read back.
             await self._on_finished(done)
@@ -673,14 +754,19 @@ class _Run:
             self.on_server = len(uidls)
             await s._retrievals.progress(self.retrieval.id, self.progress())
 
-            known = await s._messages.known(account.id)
-            present = set(uidls.values())
-            await s._messages.forget(account.id, [u for u in known if u not in present])
+            # Compared in the store: the known UIDLs never come into this process.
+            delete_stored, seen_until = self._deletion_rule()
+            compared = await s._messages.compare_uidls(
+                account.id,
+                list(uidls.values()),
+                delete_stored=delete_stored,
+                delete_seen_until=seen_until,
+            )
 
             wanted: list[int] = []
             too_big: list[tuple[str, int]] = []
             for number, uidl in sorted(uidls.items()):
-                if uidl in known:
+                if uidl not in compared.new:
                     continue
                 size = sizes.get(number, 0)
                 if size > self.cap:
@@ -689,7 +775,7 @@ class _Run:
                     wanted.append(number)
             await self._skip(too_big)
 
-            to_delete = self._deletable_known(uidls, known)
+            to_delete = [n for n, uidl in uidls.items() if uidl in compared.deletable]
             to_delete += await self._download(client, wanted, uidls, sizes)
             self.checkpoint()
             self.phase = _Phase.FINISHING
@@ -712,22 +798,15 @@ class _Run:
                 self.cap,
             )
 
-    def _deletable_known(self, uidls: dict[int, str], known: dict[str, KnownUidl]) -> list[int]:
-        """Server copies of stored messages that the account's policy removes now."""
+    def _deletion_rule(self) -> tuple[bool, datetime | None]:
+        """Which stored messages the account's policy removes from the server now: all of
+        them, or those seen at or before a time (or none)."""
         policy = self.account.retrieval
-        numbers: list[int] = []
-        threshold = None
+        if not policy.leave_on_server:
+            return True, None
         if policy.delete_after_days is not None:
-            threshold = utcnow() - timedelta(seconds=policy.delete_after_days * SECONDS_PER_DAY)
-        for number, uidl in uidls.items():
-            entry = known.get(uidl)
-            if entry is None or entry.state != ServerMessageState.STORED:
-                continue
-            if not policy.leave_on_server:
-                numbers.append(number)
-            elif threshold is not None and entry.seen_at <= threshold:
-                numbers.append(number)
-        return numbers
+            return False, utcnow() - timedelta(seconds=policy.delete_after_days * SECONDS_PER_DAY)
+        return False, None
 
     async def _download(
         self,
@@ -743,12 +822,25 @@ class _Run:
         """
         deletable: list[int] = []
         delete_new = not self.account.retrieval.leave_on_server
-        batch: list[NewMessage] = []
+        loop = asyncio.get_running_loop()
+        # Downloaded messages not yet handed to the parsing thread, and the chunks handed
+        # over (in order) for the next batch.
+        pending: list[tuple[str, bytes]] = []
+        parsing: list[asyncio.Future[list[NewMessage]]] = []
         numbers: list[int] = []
         size = 0
         writer: asyncio.Task[None] | None = None
 
-        async def store(batch: list[NewMessage], numbers: list[int], size: int) -> None:
+        def hand_over() -> None:
+            nonlocal pending
+            if pending:
+                parsing.append(loop.run_in_executor(self.s._parser, self._new_messages, pending))
+                pending = []
+
+        async def store(
+            chunks: list[asyncio.Future[list[NewMessage]]], numbers: list[int], size: int
+        ) -> None:
+            batch = [message for chunk in await asyncio.gather(*chunks) for message in chunk]
             progress = msgspec.structs.replace(
                 self.progress(),
                 messages_downloaded=self.downloaded + len(batch),
@@ -762,22 +854,25 @@ class _Run:
                 deletable.extend(numbers)
 
         async def flush() -> None:
-            nonlocal writer, batch, numbers, size
+            nonlocal writer, parsing, numbers, size
+            hand_over()
             if writer is not None:
                 # Shielded: whatever ends the run, a commit under way completes.
                 await asyncio.shield(writer)
                 writer = None
-            if batch:
-                writer = asyncio.create_task(store(batch, numbers, size))
-                batch, numbers, size = [], [], 0
+            if parsing:
+                writer = asyncio.create_task(store(parsing, numbers, size))
+                parsing, numbers, size = [], [], 0
 
         try:
             async for number, raw in client.retrieve_many(wanted, max_bytes=self.cap):
                 self.checkpoint()
-                batch.append(self._new_message(uidls[number], raw))
+                pending.append((uidls[number], raw))
                 numbers.append(number)
                 size += len(raw)
-                if len(batch) >= BATCH_MESSAGES or size >= BATCH_BYTES:
+                if len(pending) >= PARSE_CHUNK:
+                    hand_over()
+                if len(numbers) >= BATCH_MESSAGES or size >= BATCH_BYTES:
                     await flush()
         except MessageTooLarge as exc:
             # Remember the big one as skipped (never deleted); what came before is kept.
@@ -789,6 +884,10 @@ class _Run:
             await flush()
             await flush()
         return deletable
+
+    def _new_messages(self, downloaded: list[tuple[str, bytes]]) -> list[NewMessage]:
+        """Summarize downloaded messages (in the parsing thread)."""
+        return [self._new_message(uidl, raw) for uidl, raw in downloaded]
 
     def _new_message(self, uidl: str, raw: bytes) -> NewMessage:
         parsed = summarize(raw)

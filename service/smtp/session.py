@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import ssl
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -64,6 +65,10 @@ REPLY_OK = 250
 REPLY_WILL_FORWARD = 251
 REPLY_START_INPUT = 354
 REPLY_MECHANISM_UNKNOWN = 504
+# Longest reply line (RFC 5321 section 4.5.3.1.5 says 512 octets; servers send more text)
+# and longest multi-line reply accepted while commands are pipelined.
+MAX_REPLY_LINE_OCTETS = 8192
+MAX_REPLY_OCTETS = 65536
 
 # AUTH mechanisms aiosmtplib implements (its method is auth_<name without dashes>).
 _AUTH_PREFERENCE_TLS = ("plain", "login", "cram-md5")
@@ -570,24 +575,27 @@ class SMTPSession:
         options = self._mail_options(smtp, size, needs_utf8, eight_bit=not message.isascii())
         encoding = "utf-8" if needs_utf8 else "ascii"
 
-        reply = await self._command(
-            SMTPStage.MAIL,
-            b"MAIL",
-            b"FROM:<" + mail_from.encode(encoding) + b">",
-            *options,
-            limit=timeouts.mail,
-        )
+        mail = b" ".join((b"MAIL", b"FROM:<" + mail_from.encode(encoding) + b">", *options))
+        rcpts = [b"RCPT TO:<" + address.encode(encoding) + b">" for address in recipients]
+        if smtp.supports_extension("pipelining"):
+            # RFC 2920: MAIL and every RCPT in one write, then their replies in order.
+            replies = await self._pipelined(
+                [(SMTPStage.MAIL, mail, timeouts.mail)]
+                + [(SMTPStage.RCPT, rcpt, timeouts.rcpt) for rcpt in rcpts]
+            )
+        else:
+            replies = [await self._command(SMTPStage.MAIL, mail, limit=timeouts.mail)]
+            if replies[0].code == REPLY_OK:
+                for rcpt in rcpts:
+                    replies.append(await self._command(SMTPStage.RCPT, rcpt, limit=timeouts.rcpt))
+                    if replies[-1].code == REPLY_SERVICE_CLOSING:
+                        break
+        reply = replies[0]
         if reply.code != REPLY_OK:
             raise self._reply_error(SMTPStage.MAIL, reply, "the server refused the sender")
 
         outcomes: list[RecipientOutcome] = []
-        for address in recipients:
-            reply = await self._command(
-                SMTPStage.RCPT,
-                b"RCPT",
-                b"TO:<" + address.encode(encoding) + b">",
-                limit=timeouts.rcpt,
-            )
+        for address, reply in zip(recipients, replies[1:], strict=False):
             if reply.code == REPLY_SERVICE_CLOSING:
                 raise self._reply_error(
                     SMTPStage.RCPT, reply, "the server closed the session", outcomes
@@ -812,6 +820,56 @@ class SMTPSession:
             self.abort()  # RFC 5321 section 3.8: the server closes after 421
         return reply
 
+    async def _pipelined(
+        self, commands: Sequence[tuple[SMTPStage, bytes, float]]
+    ) -> list[SMTPResponse]:
+        """Write ``commands`` at once, then read one reply per command, in order.
+
+        aiosmtplib reads one reply per command written and drops what arrives while no
+        command waits, so the replies are read here: the transport's protocol is swapped
+        for a :class:`_ReplyCollector` for the exchange and given back afterwards. A 421
+        ends the exchange (the server closes); the list is then shorter than ``commands``.
+        """
+        self._stage = commands[0][0]
+        smtp = self._require(self._stage)
+        protocol = smtp.protocol
+        transport = protocol.transport if protocol is not None else None
+        if protocol is None or transport is None or transport.is_closing():
+            self.abort()
+            raise SMTPConnectionFailed(
+                SMTPErrorCode.CONNECTION_LOST, "the connection is closed", stage=self._stage
+            )
+        collector = _ReplyCollector(protocol)
+        transport.set_protocol(collector)
+        replies: list[SMTPResponse] = []
+        try:
+            protocol.write(b"".join(line + b"\r\n" for _, line, _ in commands))
+            for stage, _, limit in commands:
+                self._stage = stage
+                reply = await collector.next_reply(limit)
+                replies.append(reply)
+                if reply.code == REPLY_SERVICE_CLOSING:
+                    self.abort()  # RFC 5321 section 3.8: the server closes after 421
+                    break
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self.abort()
+            raise self._translate(exc, self._stage) from exc
+        except asyncio.CancelledError:
+            self.abort()  # replies are still owed: the connection is out of step for good
+            raise
+        finally:
+            if not transport.is_closing():
+                transport.set_protocol(protocol)
+        if collector.pending and self._smtp is not None:
+            self.abort()  # more replies than commands: out of step with the server
+            raise SMTPProtocolError(
+                SMTPErrorCode.PROTOCOL_ERROR,
+                "the server sent replies to commands it was not given",
+                stage=self._stage,
+                transient=True,
+            )
+        return replies
+
     def _reply_error(
         self,
         stage: SMTPStage,
@@ -912,3 +970,82 @@ class SMTPSession:
             stage=stage,
             transient=True,
         )
+
+
+class _ReplyCollector(asyncio.Protocol):
+    """Stands in for aiosmtplib's protocol while pipelined commands' replies are read.
+
+    Keeps every byte the server sends and splits it into replies (RFC 5321 section 4.2:
+    ``code-text`` continuation lines, then ``code text``). The connection's end is passed
+    on to the protocol it stands in for, so the client sees it too.
+    """
+
+    def __init__(self, inner: asyncio.BaseProtocol) -> None:
+        self._inner = inner
+        self._buffer = bytearray()
+        self._lines: list[str] = []
+        self._replies: deque[SMTPResponse] = deque()
+        self._failure: aiosmtplib.SMTPException | None = None
+        self._arrived = asyncio.Event()
+
+    @property
+    def pending(self) -> bool:
+        """Whether bytes or replies came beyond those read."""
+        return bool(self._replies or self._buffer or self._lines)
+
+    def data_received(self, data: bytes) -> None:
+        self._buffer += data
+        while (end := self._buffer.find(b"\n")) != -1:
+            line = bytes(self._buffer[: end + 1])
+            del self._buffer[: end + 1]
+            self._line(line)
+        if len(self._buffer) > MAX_REPLY_LINE_OCTETS:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "reply line too long"))
+        self._arrived.set()
+
+    def _line(self, line: bytes) -> None:
+        if len(line) > MAX_REPLY_LINE_OCTETS or not line[:3].isdigit():
+            self._fail(aiosmtplib.SMTPResponseException(-1, "malformed SMTP reply line"))
+            return
+        self._lines.append(line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+        if sum(map(len, self._lines)) > MAX_REPLY_OCTETS:
+            self._fail(aiosmtplib.SMTPResponseException(-1, "reply too long"))
+        elif line[3:4] != b"-":
+            self._replies.append(SMTPResponse(int(line[:3]), "\n".join(self._lines)))
+            self._lines = []
+
+    def _fail(self, exc: aiosmtplib.SMTPException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._arrived.set()
+
+    def eof_received(self) -> bool:
+        self._fail(aiosmtplib.SMTPServerDisconnected("unexpected EOF received"))
+        return False  # close the transport: connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(aiosmtplib.SMTPServerDisconnected("connection lost"))
+        self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._inner.resume_writing()
+
+    async def next_reply(self, limit: float) -> SMTPResponse:
+        """The next whole reply; waits at most ``limit`` seconds for it.
+
+        :raises aiosmtplib.SMTPException: the connection ended, a malformed reply, or
+            ``SMTPReadTimeoutError`` when the reply did not come in time.
+        """
+        try:
+            async with asyncio.timeout(limit):
+                while not self._replies:
+                    if self._failure is not None:
+                        raise self._failure
+                    self._arrived.clear()
+                    await self._arrived.wait()
+        except TimeoutError as exc:
+            raise aiosmtplib.SMTPReadTimeoutError("timed out waiting for a reply") from exc
+        return self._replies.popleft()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -9,10 +10,11 @@ import pytest
 from service.domain.accounts import Account
 from service.domain.enums import RetrievalStatus, RetrievalTrigger, ServerMessageState
 from service.domain.ids import new_id
-from service.domain.retrievals import MessageFilter, Retrieval, RetrievalProgress
+from service.domain.retrievals import MessageFilter, MessageSummary, Retrieval, RetrievalProgress
 from service.repository.errors import DuplicateError
+from service.repository.messages import SCAN_WINDOW
 from service.repository.store import Store
-from tests.repository.conftest import T0, new_message
+from tests.repository.conftest import T0, make_account, new_message
 
 NO_PROGRESS = RetrievalProgress(
     messages_on_server=None,
@@ -120,3 +122,83 @@ async def test_skipped_and_forgotten_uidls(store: Store, account: Account) -> No
     await store.messages.forget(account.id, ["big", "never-seen"])
     assert set(await store.messages.known(account.id)) == {"uidl-1"}
     assert await store.messages.count(account.id) == 1  # forgetting keeps stored mail
+
+
+async def test_every_filter_through_its_index_gives_the_scan_s_answer(
+    store: Store, account: Account
+) -> None:
+    """Enough rows that the newest-first window misses the rare matches, so the trigram
+    and retrieved_at indexes answer; each answer is checked against a plain Python scan."""
+    other = make_account(tenant="other")
+    await store.accounts.add(other)
+    retrieval = await running(store, account)
+    total = SCAN_WINDOW + 300
+    rare = {5, 17, 250}  # old rows: outside the newest window
+    batch = []
+    for n in range(total):
+        subject = f'Needle_%x "Ünïcode" {n}' if n in rare else f"Weekly report {n}"
+        to = [f"Rare Person <rare{n}@example.org>"] if n in rare else ["bob@example.com"]
+        batch.append(new_message(account.id, n, subject=subject, to=to))
+    for start in range(0, total, 500):
+        await store.messages.store_batch(
+            account.id, batch[start : start + 500], retrieval.id, NO_PROGRESS
+        )
+    # The other account's matches never show.
+    theirs = await running(store, other)
+    await store.messages.store_batch(
+        other.id, [new_message(other.id, 5, subject="Needle_%x theirs")], theirs.id, NO_PROGRESS
+    )
+    summaries = [m.summary for m in reversed(batch)]
+
+    async def listed(flt: MessageFilter, limit: int = 50) -> list[str]:
+        pages, after = [], None
+        while True:
+            page = await store.messages.page(account.id, flt, after=after, limit=limit)
+            pages.extend(m.uidl for m in page.items)
+            if page.next_after is None:
+                return pages
+            after = page.next_after
+
+    def expected(keep: Callable[[MessageSummary], bool]) -> list[str]:
+        return [s.uidl for s in summaries if keep(s)]
+
+    def has(value: str | None, needle: str) -> bool:
+        return value is not None and needle.lower() in value.lower()
+
+    rare_uidls = [f"uidl-{n}" for n in sorted(rare, reverse=True)]
+    cases: list[tuple[MessageFilter, Callable[[MessageSummary], bool]]] = [
+        (MessageFilter(subject_contains="NEEDLE_%X"), lambda s: has(s.subject, "needle_%x")),
+        (MessageFilter(subject_contains='"Ünï'), lambda s: has(s.subject, '"Ünï')),
+        (MessageFilter(to_contains="RARE5@"), lambda s: any(has(t, "rare5@") for t in s.to)),
+        (MessageFilter(to_contains='", "'), lambda s: False),  # never across two addresses
+        (MessageFilter(text_contains="rare person"), lambda s: s.uidl in rare_uidls),
+        (MessageFilter(text_contains="S17@EXAMPLE"), lambda s: has(s.from_, "s17@example")),
+        (MessageFilter(text_contains="report 12"), lambda s: has(s.subject, "report 12")),
+        (
+            MessageFilter(subject_contains="needle", from_contains="S250"),
+            lambda s: has(s.subject, "needle") and has(s.from_, "s250"),
+        ),
+        (MessageFilter(subject_contains="rt"), lambda s: has(s.subject, "rt")),  # too short
+        (
+            MessageFilter(since=T0 + timedelta(minutes=total - 3)),
+            lambda s: s.retrieved_at >= T0 + timedelta(minutes=total - 3),
+        ),
+        (
+            MessageFilter(since=T0 + timedelta(minutes=100), subject_contains="needle"),
+            lambda s: s.uidl == "uidl-250",
+        ),
+        (MessageFilter(since=T0 + timedelta(days=3650)), lambda s: False),
+    ]
+    for flt, keep in cases:
+        assert await listed(flt) == expected(keep), flt
+    assert await listed(MessageFilter(subject_contains="needle"), limit=2) == rare_uidls
+    assert len(await listed(MessageFilter(text_contains="report"), limit=500)) == total - 3
+
+    # Kept in step with deletes (the local delete and the account's).
+    await store.messages.delete(account.id, batch[17].summary.id)
+    assert await listed(MessageFilter(subject_contains="needle")) == ["uidl-250", "uidl-5"]
+    assert await store.accounts.delete("other", other.id)
+    mine = await store.messages.page(
+        account.id, MessageFilter(subject_contains="needle"), after=None, limit=50
+    )
+    assert [m.uidl for m in mine.items] == ["uidl-250", "uidl-5"]

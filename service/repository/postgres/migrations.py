@@ -173,8 +173,21 @@ CREATE TABLE outbox_attempts (
 )
 """
 
+V6_MESSAGE_FILTERS = """
+-- Substring filters (subject, from, to, q) through trigram GIN indexes on the lowered
+-- text (pg_trgm ships with PostgreSQL's contrib); CREATE INDEX fills them from the rows.
+CREATE EXTENSION IF NOT EXISTS pg_trgm;
+CREATE INDEX messages_subject_trgm ON messages USING gin (lower(subject) gin_trgm_ops);
+CREATE INDEX messages_from_trgm ON messages USING gin (lower(from_addr) gin_trgm_ops);
+CREATE INDEX messages_to_trgm ON messages USING gin (lower(to_json) gin_trgm_ops);
+-- since: the messages retrieved after a time; has_attachments: newest first among them.
+CREATE INDEX messages_retrieved ON messages (account_id, retrieved_at);
+CREATE INDEX messages_attachments ON messages (account_id, has_attachments, id)
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (5, V5_SCHEMA),
+    (6, V6_MESSAGE_FILTERS),
 ]
 
 

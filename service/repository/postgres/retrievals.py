@@ -193,6 +193,25 @@ class PgRetrievalRepository:
             )
             return rowcount(status)
 
+    async def claim_queued(
+        self, queue: str, owner: str, lease_until: datetime, limit: int
+    ) -> list[Retrieval]:
+        """Take over up to ``limit`` queued retrievals held by ``queue`` (an API-only
+        process stored them for any worker), oldest first; each is ``owner``'s from now.
+        ``SKIP LOCKED``: workers claiming at once never take the same row."""
+        async with self._db.transaction() as conn:
+            rows = await conn.fetch(
+                "UPDATE retrievals SET owner = $1, lease_until = $2 WHERE id IN"
+                " (SELECT id FROM retrievals WHERE status = $3 AND owner = $4"
+                f" ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+                owner,
+                lease_until,
+                RetrievalStatus.QUEUED.value,
+                queue,
+                limit,
+            )
+        return sorted((_retrieval(row) for row in rows), key=lambda r: r.id)
+
 
 async def update_progress(conn: Any, retrieval_id: str, p: RetrievalProgress) -> None:
     """Write progress counts inside the caller's transaction."""
