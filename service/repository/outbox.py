@@ -22,7 +22,6 @@ start takes back every ``sending`` row: it is the only process of its file).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sqlite3
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -47,8 +46,8 @@ from service.domain.outbox import (
     Recipient,
 )
 from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
+from service.repository.batching import GroupCommit
 from service.repository.database import Database
-from service.repository.errors import DuplicateError, RepositoryError
 from service.repository.pages import Page
 
 logger = logging.getLogger("mailroom.outbox")
@@ -125,9 +124,9 @@ class SQLiteOutboxRepository:
 
     def __init__(self, db: Database, *, group_commit_max: int = GROUP_COMMIT_MAX) -> None:
         self._db = db
-        self._group_max = group_commit_max
-        self._pending: list[tuple[NewOutgoing, asyncio.Future[ExistingKey | None]]] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._accepting: GroupCommit[NewOutgoing, ExistingKey | None] = GroupCommit(
+            self._insert_batch, max_batch=group_commit_max, name="outbox commit"
+        )
 
     # -- acceptance (durable, group commit) --------------------------------------------
 
@@ -137,51 +136,7 @@ class SQLiteOutboxRepository:
         Returns only after the transaction holding ``message`` has committed with
         ``synchronous=FULL``. A cancelled caller does not undo the commit.
         """
-        future: asyncio.Future[ExistingKey | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((message, future))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_pending(), name="outbox commit")
-        return await future
-
-    async def _commit_pending(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[: self._group_max]
-                del self._pending[: self._group_max]
-                try:
-                    results = await self._insert_batch([message for message, _ in batch])
-                except DuplicateError:
-                    # A row of the batch broke a rule (its account was just deleted, say):
-                    # commit one by one so only that request fails.
-                    await self._insert_one_by_one(batch)
-                    continue
-                except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(
-                                exc if isinstance(exc, Exception) else RepositoryError(str(exc))
-                            )
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-        finally:
-            self._committer = None
-
-    async def _insert_one_by_one(
-        self, batch: list[tuple[NewOutgoing, asyncio.Future[ExistingKey | None]]]
-    ) -> None:
-        for message, future in batch:
-            try:
-                [result] = await self._insert_batch([message])
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                if not future.done():
-                    future.set_result(result)
+        return await self._accepting.submit(message)
 
     async def _insert_batch(self, messages: list[NewOutgoing]) -> list[ExistingKey | None]:
         results: list[ExistingKey | None] = []

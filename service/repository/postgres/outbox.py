@@ -14,7 +14,6 @@ then puts those messages back in the queue (sent again with the same Message-ID)
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
@@ -33,7 +32,8 @@ from service.domain.outbox import (
     OutgoingMessage,
     Recipient,
 )
-from service.repository.errors import DuplicateError, RepositoryError
+from service.repository.batching import GroupCommit
+from service.repository.errors import RepositoryError
 from service.repository.outbox import (
     EXPIRED_CODE,
     GROUP_COMMIT_MAX,
@@ -71,8 +71,14 @@ class PgOutboxRepository:
     def __init__(self, db: PgDatabase, *, group_commit_max: int = GROUP_COMMIT_MAX) -> None:
         self._db = db
         self._group_max = group_commit_max
-        self._pending: list[tuple[NewOutgoing, asyncio.Future[ExistingKey | None]]] = []
-        self._committer: asyncio.Task[None] | None = None
+        # A row that breaks a rule is retried alone with ON CONFLICT, which also settles a
+        # key another replica committed meanwhile.
+        self._accepting: GroupCommit[NewOutgoing, ExistingKey | None] = GroupCommit(
+            self._insert_batch,
+            max_batch=group_commit_max,
+            commit_one=self._accept_one,
+            name="outbox commit",
+        )
 
     # -- acceptance (group commit) ----------------------------------------------------
 
@@ -84,51 +90,7 @@ class PgOutboxRepository:
         """
         if self._group_max <= 1:
             return await self._accept_one(message)
-        future: asyncio.Future[ExistingKey | None] = asyncio.get_running_loop().create_future()
-        self._pending.append((message, future))
-        if self._committer is None:
-            self._committer = asyncio.create_task(self._commit_pending(), name="outbox commit")
-        return await future
-
-    async def _commit_pending(self) -> None:
-        try:
-            while self._pending:
-                batch = self._pending[: self._group_max]
-                del self._pending[: self._group_max]
-                try:
-                    results = await self._insert_batch([message for message, _ in batch])
-                except DuplicateError:
-                    # One row broke a rule (its account was just deleted, or another replica
-                    # committed the same key meanwhile): one by one, so only it is affected.
-                    await self._accept_one_by_one(batch)
-                    continue
-                except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(
-                                exc if isinstance(exc, Exception) else RepositoryError(str(exc))
-                            )
-                    if not isinstance(exc, Exception):
-                        raise
-                    continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
-        finally:
-            self._committer = None
-
-    async def _accept_one_by_one(
-        self, batch: list[tuple[NewOutgoing, asyncio.Future[ExistingKey | None]]]
-    ) -> None:
-        for message, future in batch:
-            try:
-                result = await self._accept_one(message)
-            except Exception as exc:
-                if not future.done():
-                    future.set_exception(exc)
-            else:
-                if not future.done():
-                    future.set_result(result)
+        return await self._accepting.submit(message)
 
     async def _accept_one(self, message: NewOutgoing) -> ExistingKey | None:
         """One message in its own transaction; a key committed by anyone else (another
