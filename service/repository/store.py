@@ -54,23 +54,29 @@ class Store(Protocol):
     async def probe_write(self) -> None: ...
 
 
-class SQLiteStore:
-    """One SQLite file: the embedded store of a single process."""
+class StoreDatabase(Protocol):
+    """What a store delegates to its database object (SQLite file or PostgreSQL pool)."""
 
-    kind = "sqlite"
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def schema_version(self) -> int: ...
 
-    def __init__(self, path: str) -> None:
-        self.db = Database(path)
-        self.accounts: AccountRepository = SQLiteAccountRepository(self.db)
-        self.api_keys: ApiKeyRepository = SQLiteApiKeyRepository(self.db)
-        self.messages: MessageRepository = SQLiteMessageRepository(self.db)
-        self.retrievals: RetrievalRepository = SQLiteRetrievalRepository(self.db)
-        self.outbox: OutboxRepository = SQLiteOutboxRepository(self.db)
-        self.stats: StatsRepository = SQLiteStatsRepository(self.db)
-        self.notifier: Notifier = InProcessNotifier()
+    @property
+    def latest_version(self) -> int: ...
+
+    @property
+    def storage_full(self) -> bool: ...
+
+    async def probe_write(self) -> None: ...
+
+
+class DatabaseStore:
+    """The part of every store that is its database's: opening, closing, versions, space."""
+
+    db: StoreDatabase
 
     async def open(self) -> None:
-        """Open the file and migrate it."""
+        """Connect and apply pending migrations."""
         await self.db.open()
 
     async def close(self) -> None:
@@ -89,6 +95,22 @@ class SQLiteStore:
 
     async def probe_write(self) -> None:
         await self.db.probe_write()
+
+
+class SQLiteStore(DatabaseStore):
+    """One SQLite file: the embedded store of a single process."""
+
+    kind = "sqlite"
+
+    def __init__(self, path: str) -> None:
+        self.db = Database(path)
+        self.accounts: AccountRepository = SQLiteAccountRepository(self.db)
+        self.api_keys: ApiKeyRepository = SQLiteApiKeyRepository(self.db)
+        self.messages: MessageRepository = SQLiteMessageRepository(self.db)
+        self.retrievals: RetrievalRepository = SQLiteRetrievalRepository(self.db)
+        self.outbox: OutboxRepository = SQLiteOutboxRepository(self.db)
+        self.stats: StatsRepository = SQLiteStatsRepository(self.db)
+        self.notifier: Notifier = InProcessNotifier()
 
 
 def create_store(settings: Settings) -> Store:

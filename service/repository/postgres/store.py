@@ -17,9 +17,10 @@ from service.repository.postgres.retrievals import PgRetrievalRepository
 from service.repository.postgres.stats import PgStatsRepository
 from service.repository.retrievals import RetrievalRepository
 from service.repository.stats import StatsRepository
+from service.repository.store import DatabaseStore
 
 
-class PostgresStore:
+class PostgresStore(DatabaseStore):
     """One PostgreSQL database shared by any number of replicas."""
 
     kind = "postgres"
@@ -33,24 +34,3 @@ class PostgresStore:
         self.outbox: OutboxRepository = PgOutboxRepository(self.db)
         self.stats: StatsRepository = PgStatsRepository(self.db)
         self.notifier: Notifier = PostgresNotifier(self.db)
-
-    async def open(self) -> None:
-        """Connect (the pool) and migrate under the advisory lock."""
-        await self.db.open()
-
-    async def close(self) -> None:
-        await self.db.close()
-
-    async def schema_version(self) -> int:
-        return await self.db.schema_version()
-
-    @property
-    def latest_version(self) -> int:
-        return self.db.latest_version
-
-    @property
-    def storage_full(self) -> bool:
-        return self.db.storage_full
-
-    async def probe_write(self) -> None:
-        await self.db.probe_write()
