@@ -25,6 +25,8 @@ from litestar.openapi.spec import Components, License, SecurityScheme, Server
 from service import __version__
 from service.api.accounts import AccountController
 from service.api.auth import KeyRing, hash_key, require_api_key
+from service.api.autoconfig import SetupController
+from service.api.events import EventController
 from service.api.head import HeadMiddleware
 from service.api.health import (
     METRICS_DESCRIPTION,
@@ -48,6 +50,7 @@ from service.api.problems import (
 from service.api.requests import AllowHeaderMiddleware, RequestSchemaPlugin, StrictJSONRequest
 from service.api.retrievals import MessageController, RetrievalController
 from service.api.spec import MailroomOpenAPIConfig, ResponseSchemaPlugin
+from service.api.webhooks import WebhookController
 from service.config import DEFAULT_TENANT, Role, Settings
 from service.crypto import CredentialCipher, load_or_create_keys
 from service.docs import OfflineSwaggerRenderPlugin
@@ -62,13 +65,25 @@ from service.repository.stats import StatsRepository
 from service.repository.store import create_store
 from service.roles import QueuingRetrievalService, queued_claimer
 from service.services.accounts import AccountService
+from service.services.autoconfig import Autoconfigurator
+from service.services.bounces import BounceService
 from service.services.connect import MailConnector
-from service.services.delivery import DeliveryPolicy, DeliveryWorker
+from service.services.delivery import DeliveryPolicy, DeliveryWorker, LocalSession
+from service.services.delivery_process import DeliveryProcess
+from service.services.events import EventFeed, EventPruner
+from service.services.leases import lease_length
 from service.services.messages import MessageService
+from service.services.presets import PresetCatalog
 from service.services.retrieval import RetrievalObserver, RetrievalService
 from service.services.scheduler import Scheduler
 from service.services.sending import SendingService, SendLimits
 from service.services.verify import AccountVerifier
+from service.services.webhooks import (
+    RetryPolicy,
+    WebhookDispatcher,
+    WebhookSender,
+    WebhookService,
+)
 
 logger = logging.getLogger("mailroom")
 
@@ -161,9 +176,21 @@ def create_app(settings: Settings) -> Litestar:
         pending = await _run_startup_steps([("open the database", store.open)])
         try:
             cipher = CredentialCipher(load_or_create_keys(settings))
+            presets = PresetCatalog(settings.presets_file)
+            app.state.presets = presets
+            app.state.autoconfig = Autoconfigurator(
+                settings.allowed_networks,
+                presets,
+                timeout_s=settings.autoconfig_timeout_s,
+                ispdb_url=settings.ispdb_url,
+                dns_servers=settings.dns_servers,
+                ca_file=settings.ca_file,
+                ehlo=settings.ehlo_name,
+            )
             account_repo = store.accounts
+            connector_guard = ConnectionGuard(settings.allowed_networks)
             connector = MailConnector(
-                ConnectionGuard(settings.allowed_networks),
+                connector_guard,
                 ca_file=settings.ca_file,
                 pop3_timeout_s=settings.pop3_timeout_s,
                 connect_timeout_s=settings.connect_timeout_s,
@@ -175,6 +202,7 @@ def create_app(settings: Settings) -> Litestar:
                 max_message_bytes=settings.max_message_bytes,
                 host_check=connector.check_account,
                 notifier=store.notifier,
+                presets=presets,
             )
             # This process's id on the work it holds (claims and retrievals under a lease).
             owner = new_id("rep")
@@ -204,9 +232,22 @@ def create_app(settings: Settings) -> Litestar:
                 notifier=store.notifier,
             )
             scheduler = Scheduler(
-                account_repo, retrievals, retrieval, tick_s=settings.scheduler_interval_s
+                account_repo,
+                retrieval,
+                tick_s=settings.scheduler_interval_s,
+                lease_s=lease_length(settings.lease_s),
+                spread_s=settings.poll_spread_s,
+                notifier=store.notifier,
             )
             outbox = store.outbox
+            # SMTP in a child process, so accepting and delivering use two cores; this
+            # process still makes every store write (one SQLite writer).
+            delivery_process = (
+                DeliveryProcess()
+                if settings.delivers_in_child and settings.role.runs_work
+                else None
+            )
+            app.state.delivery_process = delivery_process
             delivery = DeliveryWorker(
                 outbox,
                 accounts,
@@ -224,6 +265,7 @@ def create_app(settings: Settings) -> Litestar:
                 lease_s=settings.lease_s,
                 notifier=store.notifier,
                 metrics=metrics,
+                sessions=LocalSession if delivery_process is None else delivery_process.session,
             )
             app.state.accounts = accounts
             app.state.verifier = AccountVerifier(
@@ -231,7 +273,9 @@ def create_app(settings: Settings) -> Litestar:
             )
             app.state.stats = store.stats
             app.state.retrievals = retrieval
-            app.state.messages = MessageService(accounts, messages)
+            app.state.messages = MessageService(accounts, messages, store.bounces)
+            # Stored DSNs tied to the outgoing messages they report (after each batch).
+            bounces = BounceService(store.bounces)
             app.state.outbox = SendingService(
                 accounts,
                 outbox,
@@ -245,6 +289,39 @@ def create_app(settings: Settings) -> Litestar:
             )
             app.state.delivery = delivery
             runs_work = settings.role.runs_work
+            # Events: the pull feed, retention, webhook endpoints and their delivery.
+            webhook_sender = WebhookSender(
+                connector_guard, timeout_s=settings.webhook_timeout_s, ca_file=settings.ca_file
+            )
+            webhooks = WebhookService(
+                store.webhooks,
+                account_repo,
+                cipher,
+                webhook_sender,
+                secret_grace_s=settings.webhook_secret_grace_s,
+            )
+            app.state.webhooks = webhooks
+            app.state.feed = EventFeed(store.events, store.notifier)
+            pruner = EventPruner(store.events, retention_days=settings.event_retention_days)
+            webhook_dispatcher = (
+                WebhookDispatcher(
+                    store.webhooks,
+                    webhooks,
+                    webhook_sender,
+                    store.notifier,
+                    owner=owner,
+                    exclusive=exclusive,
+                    policy=RetryPolicy(
+                        base_s=settings.webhook_retry_base_s,
+                        max_s=settings.webhook_retry_max_s,
+                        window_s=settings.webhook_retry_window_s,
+                    ),
+                    concurrency=settings.webhook_concurrency,
+                    timeout_s=settings.webhook_timeout_s,
+                )
+                if runs_work
+                else None
+            )
             # A worker takes over the retrievals API-only processes queued (PostgreSQL).
             claimer = (
                 queued_claimer(
@@ -266,6 +343,12 @@ def create_app(settings: Settings) -> Litestar:
                         ("close interrupted retrievals", retrieval.start),
                         # The delivery dispatcher starts only once its recovery succeeded.
                         ("requeue interrupted deliveries", delivery.start),
+                        ("link stored bounces", bounces.start),
+                        *(
+                            [("start webhook delivery", webhook_dispatcher.start)]
+                            if webhook_dispatcher is not None
+                            else []
+                        ),
                     ]
                     if runs_work
                     else []
@@ -276,9 +359,11 @@ def create_app(settings: Settings) -> Litestar:
             # After every subscription above; wake-ups are hints, polling is the fallback.
             await store.notifier.start()
             if runs_work:
+                retrieval.after_batch = bounces.after_batch
                 scheduler.start()
                 if claimer is not None:
                     claimer.start()
+                pruner.start()
             try:
                 yield
             finally:
@@ -291,8 +376,17 @@ def create_app(settings: Settings) -> Litestar:
                     await scheduler.stop()
                     # In-flight sends get their grace period; unfinished messages are
                     # queued again before the database closes.
-                    await delivery.stop()
+                    try:
+                        await delivery.stop()
+                    finally:
+                        if delivery_process is not None:
+                            await delivery_process.stop()
                     await retrieval.stop()
+                    await bounces.stop()
+                    await pruner.stop()
+                    if webhook_dispatcher is not None:
+                        await webhook_dispatcher.stop()
+                app.state.feed.close()
                 await store.notifier.stop()
         finally:
             await store.close()
@@ -330,15 +424,26 @@ def create_app(settings: Settings) -> Litestar:
         security=[{"BearerAuth": []}],
         route_handlers=[
             AccountController,
+            SetupController,
             RetrievalController,
             MessageController,
             OutboxController,
+            WebhookController,
+            EventController,
         ],
         dependencies={
             "tenant": Provide(provide_tenant, sync_to_thread=False),
             **{
                 name: _from_state(name)
-                for name in ("accounts", "retrievals", "messages", "outbox", "verifier")
+                for name in (
+                    "accounts",
+                    "retrievals",
+                    "messages",
+                    "outbox",
+                    "verifier",
+                    "webhooks",
+                    "feed",
+                )
             },
         },
     )

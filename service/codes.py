@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     STORAGE_ERROR = "storage_error"
     CREDENTIALS_UNREADABLE = "credentials_unreadable"
     HOST_NOT_ALLOWED = "host_not_allowed"
+    UNKNOWN_PRESET = "unknown_preset"
     # Retrievals
     RETRIEVAL_RUNNING = "retrieval_running"
     RETRIEVAL_FINISHED = "retrieval_finished"
@@ -84,6 +85,9 @@ class ErrorCode(StrEnum):
     DEFERRED = "deferred"
     RECIPIENTS_REFUSED = "recipients_refused"
     RECIPIENTS_DEFERRED = "recipients_deferred"
+    # Webhooks
+    HTTPS_REQUIRED = "https_required"
+    WEBHOOK_DISABLED = "webhook_disabled"
 
 
 DESCRIPTIONS: dict[ErrorCode, str] = {
@@ -105,6 +109,7 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.STORAGE_ERROR: "the message store failed during a retrieval; nothing deleted",
     ErrorCode.CREDENTIALS_UNREADABLE: "stored credentials cannot be decrypted with the keys",
     ErrorCode.HOST_NOT_ALLOWED: "a host resolves into a network the outbound guard refuses",
+    ErrorCode.UNKNOWN_PRESET: "422: no provider preset has this name (see GET /v1/presets)",
     ErrorCode.RETRIEVAL_RUNNING: "409: a retrieval already runs for the account",
     ErrorCode.RETRIEVAL_FINISHED: "409: the retrieval has already ended",
     ErrorCode.TOO_MANY_RETRIEVALS: "429: the service's or the tenant's retrieval slots are full",
@@ -153,4 +158,7 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.DEFERRED: "the SMTP server answered with a 4xx reply (tried again)",
     ErrorCode.RECIPIENTS_REFUSED: "recipients refused with 5xx; the others were sent",
     ErrorCode.RECIPIENTS_DEFERRED: "recipients deferred with 4xx; only they are tried again",
+    ErrorCode.HTTPS_REQUIRED: "422: a webhook URL must use https unless its host is in"
+    " MAILROOM_ALLOWED_NETWORKS",
+    ErrorCode.WEBHOOK_DISABLED: "409: the webhook endpoint is disabled; enable it first",
 }

@@ -102,9 +102,14 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # of several tenants are configured, the whole limit when there is only one tenant.
     max_concurrent_retrievals: int = 8
     max_retrievals_per_tenant: int | None = None
-    smtp_concurrency: int = 8  # delivery sessions at once
+    smtp_concurrency: int = 20  # delivery sessions at once
+    # SMTP sessions in a child process (``service.services.delivery_process``) while this
+    # one keeps every store write: ``auto`` does so when one process serves the API and
+    # delivers (role ``all``), ``on`` always, ``off`` never.
+    delivery_process: Literal["auto", "on", "off"] = "auto"
     smtp_sessions_per_tenant: int | None = None
-    scheduler_interval_s: float = 15.0  # how often the poll schedule is checked
+    scheduler_interval_s: float = 15.0  # longest scheduler sleep without a wake-up
+    poll_spread_s: float = 300.0  # a new account's first poll: within this (or its interval)
 
     # Network timeouts (seconds)
     pop3_timeout_s: float = 60.0  # one read or write
@@ -123,6 +128,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # account's email domain.
     ehlo_name: str | None = None
 
+    # Account setup: GET /v1/autoconfig answers within this many seconds, whatever its
+    # sources do; the ISPDB it asks (by domain and by the MX's base domain); the DNS
+    # servers it asks for MX, SRV and addresses (host, port; empty: the system's).
+    autoconfig_timeout_s: float = 10.0
+    ispdb_url: str | None = "https://autoconfig.thunderbird.net/v1.1/"
+    dns_servers: tuple[tuple[str, int], ...] = ()
+    # More provider presets (the bundled file's shape); a name there replaces the bundled one.
+    presets_file: str | None = None
+
+    # Events and webhooks
+    event_retention_days: int = 7  # events older than this are pruned (the feed forgets)
+    webhook_timeout_s: float = 10.0  # one webhook request, connect to last byte
+    webhook_retry_base_s: float = 5.0  # first retry delay, doubled each time (with jitter)
+    webhook_retry_max_s: float = 3600.0  # the longest delay between two attempts
+    webhook_retry_window_s: float = 24 * 3600.0  # retried this long; failing as long: disabled
+    webhook_concurrency: int = 8  # requests in flight per endpoint
+    webhook_secret_grace_s: float = 24 * 3600.0  # a rotated-out secret keeps signing this long
+
     @property
     def retrievals_per_tenant(self) -> int:
         """How many of the retrieval slots one tenant may hold at once."""
@@ -132,6 +155,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def smtp_sessions_tenant_share(self) -> int:
         """How many of the delivery sessions one tenant's accounts may hold at once."""
         return self._share(self.smtp_sessions_per_tenant, self.smtp_concurrency)
+
+    @property
+    def delivers_in_child(self) -> bool:
+        """Whether SMTP sessions run in the delivery child process."""
+        if self.delivery_process == "auto":
+            return self.role is Role.ALL
+        return self.delivery_process == "on"
 
     def _share(self, configured: int | None, total: int) -> int:
         if configured is None:
@@ -179,6 +209,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 kwargs["role"] = Role(value.lower())
             except ValueError:
                 raise ConfigError("MAILROOM_ROLE: must be 'all', 'api' or 'worker'") from None
+        if (value := get("DELIVERY_PROCESS")) is not None:
+            if value.lower() not in ("auto", "on", "off"):
+                raise ConfigError("MAILROOM_DELIVERY_PROCESS: must be 'auto', 'on' or 'off'")
+            kwargs["delivery_process"] = value.lower()
         if (value := get("HOST")) is not None:
             kwargs["host"] = value
         if (value := get("PORT")) is not None:
@@ -218,6 +252,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "MAX_RETRIEVALS_PER_TENANT": ("max_retrievals_per_tenant", 1, 1000),
             "SMTP_SESSIONS_PER_TENANT": ("smtp_sessions_per_tenant", 1, 1000),
             "MIN_TRANSFER_RATE": ("min_transfer_rate", 0, 1 << 30),
+            "EVENT_RETENTION_DAYS": ("event_retention_days", 1, 3650),
+            "WEBHOOK_CONCURRENCY": ("webhook_concurrency", 1, 100),
         }
         for name, (field, low, high) in int_settings.items():
             if (value := get(name)) is not None:
@@ -226,6 +262,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             kwargs["retry_delays_s"] = _delays(value)
         if (value := get("SCHEDULER_INTERVAL")) is not None:
             kwargs["scheduler_interval_s"] = _float("MAILROOM_SCHEDULER_INTERVAL", value, 0.05)
+        if (value := get("POLL_SPREAD")) is not None:
+            kwargs["poll_spread_s"] = _float("MAILROOM_POLL_SPREAD", value, 0.0)
         if (value := get("MAX_MESSAGE_AGE")) is not None:
             kwargs["max_message_age_s"] = _float("MAILROOM_MAX_MESSAGE_AGE", value, 1.0)
         float_settings = {
@@ -233,12 +271,27 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             "SMTP_ATTEMPT_TIMEOUT": "smtp_attempt_timeout_s",
             "VERIFY_TIMEOUT": "verify_timeout_s",
             "LEASE_SECONDS": "lease_s",
+            "WEBHOOK_TIMEOUT": "webhook_timeout_s",
+            "WEBHOOK_RETRY_BASE": "webhook_retry_base_s",
+            "WEBHOOK_RETRY_MAX": "webhook_retry_max_s",
+            "WEBHOOK_RETRY_WINDOW": "webhook_retry_window_s",
+            "WEBHOOK_SECRET_GRACE": "webhook_secret_grace_s",
         }
         for name, field in float_settings.items():
             if (value := get(name)) is not None:
                 kwargs[field] = _float(ENV_PREFIX + name, value, 0.1)
         if (value := get("EHLO_NAME")) is not None:
             kwargs["ehlo_name"] = parse_ehlo_name(value)
+        if (value := get("AUTOCONFIG_TIMEOUT")) is not None:
+            kwargs["autoconfig_timeout_s"] = _float("MAILROOM_AUTOCONFIG_TIMEOUT", value, 0.1)
+        if (value := get("ISPDB_URL")) is not None:
+            kwargs["ispdb_url"] = parse_ispdb_url(value)
+        if (value := get("DNS_SERVERS")) is not None:
+            kwargs["dns_servers"] = parse_dns_servers(value)
+        if (value := get("PRESETS_FILE")) is not None:
+            if not Path(value).is_file():
+                raise ConfigError(f"MAILROOM_PRESETS_FILE: {value!r} is not a readable file")
+            kwargs["presets_file"] = value
         if (value := get("DB_POOL_SIZE")) is not None:
             kwargs["db_pool_size"] = _int("MAILROOM_DB_POOL_SIZE", value, 1, 1000)
         if (value := get("DB_TIMEOUT")) is not None:
@@ -274,6 +327,44 @@ def database_kind(value: str) -> StoreKind:
         f"MAILROOM_DATABASE: unsupported scheme {scheme!r}; give a file path,"
         " sqlite:///path or postgresql://user@host:port/database"
     )
+
+
+def parse_ispdb_url(value: str) -> str | None:
+    """An https (or http) base URL, ``/`` appended; ``off`` asks no ISPDB."""
+    if value.lower() == "off":
+        return None
+    if not re.match(r"^https?://[^/\s]+", value) or any(c.isspace() for c in value):
+        raise ConfigError(
+            f"MAILROOM_ISPDB_URL: {value!r} is not an http(s) URL (or 'off' for no ISPDB)"
+        )
+    return value if value.endswith("/") else value + "/"
+
+
+DNS_PORT = 53
+
+
+def parse_dns_servers(value: str) -> tuple[tuple[str, int], ...]:
+    """``ip[:port]`` items separated by commas (IPv6 as ``[addr]:port``)."""
+    servers: list[tuple[str, int]] = []
+    for item in (part.strip() for part in value.split(",")):
+        if not item:
+            continue
+        host, port = item, DNS_PORT
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            if rest:
+                port = _int("MAILROOM_DNS_SERVERS", rest.removeprefix(":"), 1, 65535)
+        elif item.count(":") == 1:
+            host, _, text = item.partition(":")
+            port = _int("MAILROOM_DNS_SERVERS", text, 1, 65535)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                f"MAILROOM_DNS_SERVERS: {item!r} is not an IP address with an optional port"
+            ) from None
+        servers.append((host, port))
+    return tuple(servers)
 
 
 _EHLO_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")

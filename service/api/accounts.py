@@ -21,7 +21,9 @@ class AccountController(Controller):
         operation_id="CreateAccount",
         summary="Create a mail account",
         description="Stores the POP3 and SMTP settings; passwords are encrypted at rest and"
-        " never returned. Ports default from `security`.",
+        " never returned. Ports default from `security`. A `preset` (`ListPresets`) fills"
+        " the hosts, ports and security the body leaves out; an unknown one is 422"
+        " `unknown_preset`.",
         responses={**COMMON_ERRORS, **ACCOUNT_INPUT_ERRORS, **BAD_BODY},
     )
     async def create_account(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
+from litestar import Request
 from litestar.di import NamedDependency
 from litestar.params import PathParameter
 
@@ -22,6 +23,24 @@ Retrievals = NamedDependency[RetrievalService]
 Messages = NamedDependency[MessageService]
 Verifier = NamedDependency[AccountVerifier]
 Outbox = NamedDependency[SendingService]
+
+
+def tenant_of(request: Request[Any, Any, Any]) -> str:
+    """The caller's tenant, as the API-key guard resolved it."""
+    tenant: str = request.state.tenant
+    return tenant
+
+
+def outbox_of(request: Request[Any, Any, Any]) -> SendingService:
+    """The sending service the lifespan created.
+
+    Read straight from the app state rather than through a Litestar dependency: with two
+    or more dependencies Litestar resolves them in an anyio task group, two task spawns
+    per request (about 15% of the send path's CPU, profiled) for two attribute reads.
+    """
+    outbox: SendingService = request.app.state.outbox
+    return outbox
+
 
 AccountId = Annotated[str, PathParameter(max_length=ID_MAX, description="An account id")]
 RetrievalId = Annotated[str, PathParameter(max_length=ID_MAX, description="A retrieval id")]

@@ -9,7 +9,7 @@ from litestar.openapi.datastructures import ResponseSpec
 from litestar.params import HeaderParameter, JSONBody, QueryParameter
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
-from service.api.dependencies import AccountId, Outbox, OutgoingId, Tenant
+from service.api.dependencies import AccountId, OutgoingId, outbox_of, tenant_of
 from service.api.pagination import DEFAULT_PAGE_SIZE, Cursor, Limit, after_of, list_response
 from service.api.problems import (
     COMMON_ERRORS,
@@ -98,13 +98,14 @@ class OutboxController(Controller):
     )
     async def send_message(
         self,
+        request: Request[Any, Any, Any],
         account_id: AccountId,
         data: JSONBody[SendRequest],
-        tenant: Tenant,
-        outbox: Outbox,
         idempotency_key: IdempotencyKey = None,
     ) -> Response[OutgoingMessage]:
-        accepted = await outbox.send(tenant, account_id, data, idempotency_key)
+        accepted = await outbox_of(request).send(
+            tenant_of(request), account_id, data, idempotency_key
+        )
         message = accepted.message
         headers = {"Location": f"/v1/accounts/{account_id}/outbox/{message.id}"}
         if accepted.replayed:
@@ -121,14 +122,15 @@ class OutboxController(Controller):
     )
     async def list_outgoing_messages(
         self,
+        request: Request[Any, Any, Any],
         account_id: AccountId,
-        tenant: Tenant,
-        outbox: Outbox,
         limit: Limit = DEFAULT_PAGE_SIZE,
         cursor: Cursor = None,
         status: StatusFilter = None,
     ) -> OutgoingMessageList:
-        page = await outbox.page(tenant, account_id, status, after=after_of(cursor), limit=limit)
+        page = await outbox_of(request).page(
+            tenant_of(request), account_id, status, after=after_of(cursor), limit=limit
+        )
         return list_response(OutgoingMessageList, page, lambda m: m)
 
     @get(
@@ -141,9 +143,9 @@ class OutboxController(Controller):
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def get_outgoing_message(
-        self, account_id: AccountId, outgoing_id: OutgoingId, tenant: Tenant, outbox: Outbox
+        self, request: Request[Any, Any, Any], account_id: AccountId, outgoing_id: OutgoingId
     ) -> OutgoingMessage:
-        return await outbox.get(tenant, account_id, outgoing_id)
+        return await outbox_of(request).get(tenant_of(request), account_id, outgoing_id)
 
     @get(
         "/{outgoing_id:str}/raw",
@@ -161,10 +163,8 @@ class OutboxController(Controller):
         request: Request[Any, Any, Any],
         account_id: AccountId,
         outgoing_id: OutgoingId,
-        tenant: Tenant,
-        outbox: Outbox,
     ) -> Response[bytes]:
-        raw = await outbox.raw(tenant, account_id, outgoing_id)
+        raw = await outbox_of(request).raw(tenant_of(request), account_id, outgoing_id)
         return raw_message_response(raw, f"{outgoing_id}.eml", request.headers.get("accept"))
 
     @delete(
@@ -184,6 +184,6 @@ class OutboxController(Controller):
         },
     )
     async def cancel_outgoing_message(
-        self, account_id: AccountId, outgoing_id: OutgoingId, tenant: Tenant, outbox: Outbox
+        self, request: Request[Any, Any, Any], account_id: AccountId, outgoing_id: OutgoingId
     ) -> OutgoingMessage:
-        return await outbox.cancel(tenant, account_id, outgoing_id)
+        return await outbox_of(request).cancel(tenant_of(request), account_id, outgoing_id)

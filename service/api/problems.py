@@ -354,6 +354,7 @@ _STATUS_OF_CODE: dict[ErrorCode, int] = {
     ErrorCode.RETRIEVAL_FINISHED: 409,
     ErrorCode.IDEMPOTENCY_KEY_REUSED: 409,
     ErrorCode.NOT_CANCELLABLE: 409,
+    ErrorCode.WEBHOOK_DISABLED: 409,
     ErrorCode.TOO_MANY_RETRIEVALS: 429,
     ErrorCode.ATTACHMENT_TOO_LARGE: 413,
     ErrorCode.MESSAGE_TOO_LARGE: 413,
@@ -431,9 +432,11 @@ COMMON_ERRORS = {
 ACCOUNT_INPUT_ERRORS = {
     422: problem_spec(
         "Invalid input (`validation_error`), or a host that resolves into a network the"
-        " outbound guard refuses (`host_not_allowed`); `errors` lists each bad field",
+        " outbound guard refuses (`host_not_allowed`), or an unknown `preset`"
+        " (`unknown_preset`); `errors` lists each bad field",
         ErrorCode.VALIDATION_ERROR,
         ErrorCode.HOST_NOT_ALLOWED,
+        ErrorCode.UNKNOWN_PRESET,
     ),
 }
 NOT_FOUND = {

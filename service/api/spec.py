@@ -32,6 +32,7 @@ from litestar.plugins.core._msgspec import kwarg_definition_from_field
 from litestar.types.empty import Empty
 from litestar.typing import FieldDefinition
 
+from service.api.event_spec import add_webhooks
 from service.codes import ErrorCode
 
 if TYPE_CHECKING:
@@ -230,6 +231,7 @@ def finalize(document: dict[str, Any]) -> dict[str, Any]:
         for method, operation in item.items():
             if method in {"get", "put", "post", "patch", "delete", "head", "options"}:
                 _finish_operation(operation)
+    add_webhooks(doc)
     return doc
 
 

@@ -47,6 +47,8 @@ class RecipientStatus(StrEnum):
     SENT = "sent"
     DEFERRED = "deferred"
     FAILED = "failed"
+    # Accepted by the server, then reported undeliverable by a DSN that came back.
+    BOUNCED = "bounced"
 
 
 class RecipientKind(StrEnum):

@@ -8,12 +8,29 @@ index, and "newest first" is ``ORDER BY id DESC``.
 from __future__ import annotations
 
 import os
+import random
 import re
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _last_ms = 0
 _last_random = 0
+# Unique, not secret: ids, request ids and Message-IDs need bits no other process draws,
+# not bits nobody can guess. A generator seeded from the OS (again in a forked child) gives
+# them without a system call per id: ``os.urandom`` lets go of the GIL, and on a busy
+# event loop each call could wait up to a switch interval (5 ms) to get it back.
+_bits = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _bits.seed(os.urandom(32)))
+
+
+def random_bits(count: int) -> int:
+    """``count`` random bits, unique across processes (seeded from the OS), not secret."""
+    return _bits.getrandbits(count)
+
+
+def random_hex(octets: int) -> str:
+    """``2 * octets`` lower-case hex digits of :func:`random_bits`."""
+    return f"{_bits.getrandbits(octets * 8):0{octets * 2}x}"
 
 
 def new_id(prefix: str) -> str:
@@ -25,7 +42,7 @@ def new_id(prefix: str) -> str:
         now_ms = _last_ms
         random_part = (_last_random + 1) & ((1 << 80) - 1)
     else:
-        random_part = int.from_bytes(os.urandom(10), "big")
+        random_part = random_bits(80)
     _last_ms, _last_random = now_ms, random_part
     value = (now_ms << 80) | random_part
     chars = []

@@ -77,6 +77,15 @@ MessageCap = Annotated[
     ),
 ]
 PollMinutes = Annotated[int, Meta(ge=1, le=MAX_POLL_MINUTES)]
+PresetName = Annotated[
+    str,
+    Meta(
+        pattern=r"^[a-z0-9_]{1,40}" + END,
+        description="A provider preset (`GET /v1/presets`): fills the hosts, ports and"
+        " security the body leaves out",
+        examples=["gmail"],
+    ),
+]
 
 
 def check_host(host: str) -> None:
@@ -91,31 +100,35 @@ def check_host(host: str) -> None:
 
 
 class IncomingInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The POP3 server (create)."""
+    """The POP3 server (create). ``host`` may be left to a ``preset``; ``security`` left
+    out is the preset's, else ``tls``."""
 
-    host: Host
     username: Username
     password: Password
+    host: Host | None = None
     protocol: Literal["pop3"] = "pop3"
     port: Port | None = None
-    security: Security = Security.TLS
+    security: Security | None = None
 
     def __post_init__(self) -> None:
-        check_host(self.host)
+        if self.host is not None:
+            check_host(self.host)
 
 
 class OutgoingInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """The SMTP server (create). Authentication is optional."""
+    """The SMTP server (create). Authentication is optional. ``host`` may be left to a
+    ``preset``; ``security`` left out is the preset's, else ``tls``."""
 
-    host: Host
+    host: Host | None = None
     port: Port | None = None
-    security: Security = Security.TLS
+    security: Security | None = None
     username: Username | None = None
     password: Password | None = None
     allow_insecure_auth: bool = False
 
     def __post_init__(self) -> None:
-        check_host(self.host)
+        if self.host is not None:
+            check_host(self.host)
         if (self.username is None) != (self.password is None):
             raise ValueError("give both `username` and `password` for SMTP auth, or neither")
 
@@ -137,7 +150,7 @@ class RetrievalInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class AccountInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """Body of CreateAccount."""
+    """Body of CreateAccount (and of VerifySettings)."""
 
     name: Name
     email: Email
@@ -145,6 +158,7 @@ class AccountInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     outgoing: OutgoingInput
     display_name: DisplayName | None = None
     retrieval: RetrievalInput = msgspec.field(default_factory=RetrievalInput)
+    preset: PresetName | None = None
 
 
 class IncomingPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -151,14 +151,38 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     error_code: str | None
 
 
+class RecipientBounce(msgspec.Struct, frozen=True, kw_only=True):
+    """What a delivery status notification (RFC 3464) said of a recipient that bounced."""
+
+    status: Annotated[
+        str | None,
+        Meta(description="The enhanced status code reported (`Status:`)", examples=["5.1.1"]),
+    ]
+    diagnostic_code: Annotated[
+        str | None,
+        Meta(
+            description="The remote server's answer as reported (`Diagnostic-Code:`, with its"
+            " type)",
+            examples=["smtp; 550 5.1.1 <bob@example.org>: Recipient address rejected"],
+        ),
+    ]
+    remote_mta: Annotated[str | None, Meta(description="The server that refused (`Remote-MTA:`)")]
+    message_id: Annotated[
+        str, Meta(description="The stored DSN message (`msg_...`) that reported the bounce")
+    ]
+    at: Annotated[datetime, Meta(description="When Mailroom linked the DSN")]
+
+
 class Recipient(msgspec.Struct, frozen=True, kw_only=True):
-    """An envelope recipient and what the server last said about it."""
+    """An envelope recipient and what the server last said about it (``bounce``: the
+    delivery status notification that reported it undeliverable afterwards, if any)."""
 
     address: str
     kind: RecipientKind
     status: RecipientStatus
     smtp_code: int | None = None
     smtp_message: str | None = None
+    bounce: RecipientBounce | None = None
 
 
 class OutgoingError(msgspec.Struct, frozen=True):
@@ -187,6 +211,13 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
     recipients: list[Recipient]
     attempts: list[Attempt]
     error: OutgoingError | None
+    bounces: Annotated[
+        list[str],
+        Meta(
+            description="Stored messages (`msg_...`, oldest first) that are delivery status"
+            " notifications about this message (their `bounce_of` is this message's id)"
+        ),
+    ] = msgspec.field(default_factory=list)
 
 
 class NewRecipient(msgspec.Struct, frozen=True):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import msgspec
+from msgspec import Meta
 
 from service.domain.enums import RetrievalStatus, RetrievalTrigger
 
@@ -53,6 +55,13 @@ class MessageSummary(msgspec.Struct, frozen=True, kw_only=True):
     subject: str | None
     date: datetime | None
     has_attachments: bool
+    bounce_of: Annotated[
+        str | None,
+        Meta(
+            description="When this message is a delivery status notification about a message"
+            " this account sent: that outgoing message's id (`out_...`)"
+        ),
+    ] = None
 
 
 class NewMessage(msgspec.Struct, frozen=True, kw_only=True):

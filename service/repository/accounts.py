@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -15,8 +16,9 @@ from service.domain.accounts import (
     SMTPPause,
 )
 from service.domain.enums import OutgoingStatus, Security
-from service.domain.time import from_text, to_text
+from service.domain.time import from_text, to_text, utcnow
 from service.repository.database import Database
+from service.repository.events import emit_account_pauses, smtp_pauses
 from service.repository.pages import Page, page_of
 
 _COLUMNS = (
@@ -46,6 +48,15 @@ class AccountRepository(Protocol):
     ) -> bool: ...
     async def clear_smtp_pauses(self, codes: Collection[str]) -> int: ...
     async def set_login_delay(self, account_id: str, seconds: int | None) -> None: ...
+    async def unscheduled(self, limit: int) -> list[Account]: ...
+    async def schedule_polls(
+        self, polls: Sequence[tuple[str, datetime]], *, unscheduled_only: bool = False
+    ) -> None: ...
+    async def claim_due_polls(
+        self, now: datetime, lease_until: datetime, limit: int, *, skip_tenants: Collection[str]
+    ) -> list[tuple[Account, datetime]]: ...
+    async def next_poll_due(self) -> datetime | None: ...
+    async def next_poll_at(self, account_id: str) -> datetime | None: ...
 
 
 class SQLiteAccountRepository:
@@ -99,12 +110,27 @@ class SQLiteAccountRepository:
         values = dict(zip(names, _params(account), strict=True))
         kept = [n for n in names[2:] if n not in _PAUSE_COLUMNS]
         assignments = [f"{n} = ?" for n in kept]
+        # A new poll interval (or none) drops the schedule: the scheduler sets it anew.
+        assignments.append(
+            "next_poll_at = CASE WHEN poll_interval_minutes IS ? THEN next_poll_at END"
+        )
         if outgoing_changed:
             assignments += [f"{n} = NULL" for n in _PAUSE_COLUMNS]
         async with self._db.transaction() as conn:
+            ended = (
+                await smtp_pauses(conn, "id = ? AND tenant = ?", (account.id, account.tenant))
+                if outgoing_changed
+                else []
+            )
+            await emit_account_pauses(conn, ended, resumed=True, at=at or account.updated_at)
             await conn.execute(
                 f"UPDATE accounts SET {', '.join(assignments)} WHERE id = ? AND tenant = ?",
-                (*(values[n] for n in kept), account.id, account.tenant),
+                (
+                    *(values[n] for n in kept),
+                    account.retrieval.poll_interval_minutes,
+                    account.id,
+                    account.tenant,
+                ),
             )
             if outgoing_changed:
                 now = to_text(at or account.updated_at)
@@ -134,6 +160,9 @@ class SQLiteAccountRepository:
                 " smtp_paused_at = ? WHERE id = ? AND updated_at = ?",
                 (pause.code, pause.detail, to_text(pause.since), account_id, to_text(settings_of)),
             )
+            if cursor.rowcount > 0:
+                paused = await smtp_pauses(conn, "id = ?", (account_id,))
+                await emit_account_pauses(conn, paused, resumed=False, at=pause.since)
             return cursor.rowcount > 0
 
     async def clear_smtp_pauses(self, codes: Collection[str]) -> int:
@@ -142,6 +171,8 @@ class SQLiteAccountRepository:
             return 0
         marks = ", ".join("?" * len(codes))
         async with self._db.transaction() as conn:
+            ended = await smtp_pauses(conn, f"smtp_pause_code IN ({marks})", tuple(codes))
+            await emit_account_pauses(conn, ended, resumed=True, at=utcnow())
             cursor = await conn.execute(
                 "UPDATE accounts SET smtp_pause_code = NULL, smtp_pause_detail = NULL,"
                 f" smtp_paused_at = NULL WHERE smtp_pause_code IN ({marks})",
@@ -155,6 +186,66 @@ class SQLiteAccountRepository:
             await conn.execute(
                 "UPDATE accounts SET login_delay_s = ? WHERE id = ?", (seconds, account_id)
             )
+
+    # The poll schedule (``next_poll_at``, migration 7) ------------------------------------
+
+    async def unscheduled(self, limit: int) -> list[Account]:
+        """Polled accounts with no next poll yet (new, or their interval changed)."""
+        rows = await self._db.fetch_all(
+            f"SELECT {_COLUMNS} FROM accounts"
+            " WHERE next_poll_at IS NULL AND poll_interval_minutes IS NOT NULL LIMIT ?",
+            (limit,),
+        )
+        return [_account(row) for row in rows]
+
+    async def schedule_polls(
+        self, polls: Sequence[tuple[str, datetime]], *, unscheduled_only: bool = False
+    ) -> None:
+        """Set when each account's next poll is due (only polled accounts; with
+        ``unscheduled_only`` only those that have none yet)."""
+        if not polls:
+            return
+        only = " AND next_poll_at IS NULL" if unscheduled_only else ""
+        async with self._db.transaction() as conn:
+            await conn.executemany(
+                "UPDATE accounts SET next_poll_at = ?"
+                f" WHERE id = ? AND poll_interval_minutes IS NOT NULL{only}",
+                [(to_text(at), account_id) for account_id, at in polls],
+            )
+
+    async def claim_due_polls(
+        self, now: datetime, lease_until: datetime, limit: int, *, skip_tenants: Collection[str]
+    ) -> list[tuple[Account, datetime]]:
+        """Take up to ``limit`` accounts whose poll is due, most overdue first, each with
+        its due time; their next poll moves to ``lease_until`` (the poll's end sets it)."""
+        skipped = json.dumps(sorted(skip_tenants))
+        async with self._db.transaction() as conn:
+            rows = await conn.execute_fetchall(
+                f"SELECT {_COLUMNS}, next_poll_at FROM accounts WHERE next_poll_at <= ?"
+                " AND tenant NOT IN (SELECT value FROM json_each(?))"
+                " ORDER BY next_poll_at LIMIT ?",
+                (to_text(now), skipped, limit),
+            )
+            if rows:
+                await conn.executemany(
+                    "UPDATE accounts SET next_poll_at = ? WHERE id = ?",
+                    [(to_text(lease_until), row["id"]) for row in rows],
+                )
+        return [(_account(row), from_text(row["next_poll_at"])) for row in rows]
+
+    async def next_poll_due(self) -> datetime | None:
+        """When the earliest scheduled poll is due (None: none is scheduled)."""
+        row = await self._db.fetch_one(
+            "SELECT min(next_poll_at) FROM accounts WHERE next_poll_at IS NOT NULL"
+        )
+        return None if row is None or row[0] is None else from_text(row[0])
+
+    async def next_poll_at(self, account_id: str) -> datetime | None:
+        """When the account's next scheduled poll is due."""
+        row = await self._db.fetch_one(
+            "SELECT next_poll_at FROM accounts WHERE id = ?", (account_id,)
+        )
+        return None if row is None or row[0] is None else from_text(row[0])
 
 
 def _params(a: Account) -> tuple[object, ...]:

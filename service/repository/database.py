@@ -26,7 +26,8 @@ import logging
 import os
 import shutil
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,30 @@ _SPACE_IOERRS = frozenset(
 )
 
 logger = logging.getLogger("mailroom.storage")
+
+# Callbacks to run once the transaction open on a writer connection commits (dropped if it
+# rolls back): wake-ups for what the transaction wrote (events), which must not be seen
+# before the commit.
+_after_commit: weakref.WeakKeyDictionary[aiosqlite.Connection, list[Callable[[], None]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def call_after_commit(conn: aiosqlite.Connection, callback: Callable[[], None]) -> None:
+    """Call ``callback`` after the transaction open on ``conn`` commits (never if it rolls
+    back); it must be quick and must not raise."""
+    _after_commit.setdefault(conn, []).append(callback)
+
+
+def _run_after_commit(conn: aiosqlite.Connection, committed: bool) -> None:
+    callbacks = _after_commit.pop(conn, None)
+    if not committed or not callbacks:
+        return
+    for callback in callbacks:
+        try:
+            callback()
+        except Exception:
+            logger.exception("an after-commit callback failed")
 
 
 class Database:
@@ -231,6 +256,7 @@ class Database:
             try:
                 yield conn
             except BaseException as exc:
+                _run_after_commit(conn, committed=False)
                 with contextlib.suppress(sqlite3.Error):
                     await conn.execute("ROLLBACK")
                 if isinstance(exc, sqlite3.Error):
@@ -238,10 +264,14 @@ class Database:
                 raise
             try:
                 await conn.execute("COMMIT")
-            except sqlite3.Error as exc:
+            except BaseException as exc:
+                _run_after_commit(conn, committed=False)
+                if not isinstance(exc, sqlite3.Error):
+                    raise
                 with contextlib.suppress(sqlite3.Error):
                     await conn.execute("ROLLBACK")
                 raise self._translate(exc, "commit failed") from exc
+            _run_after_commit(conn, committed=True)
             self._storage_full = False
 
     async def probe_write(self) -> None:

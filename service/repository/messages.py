@@ -13,12 +13,15 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
+import aiosqlite
 import msgspec
 
 from service.domain.enums import ServerMessageState
 from service.domain.retrievals import MessageFilter, MessageSummary, NewMessage, RetrievalProgress
 from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
+from service.repository.bounces import mark_dsn_candidates
 from service.repository.database import Database
+from service.repository.events import emit_messages_received
 from service.repository.pages import Page, page_of
 from service.repository.retrievals import update_progress
 
@@ -34,6 +37,8 @@ _LIST_DECODER = msgspec.json.Decoder(list[str])
 # match in the account to sort. Bigger pages scan proportionally more.
 SCAN_WINDOW = 1000
 SCAN_WINDOW_PER_ROW = 20
+# SQLite's default bound on variables in one statement (SQLITE_MAX_VARIABLE_NUMBER).
+MAX_VARIABLES = 32766
 # The trigram index finds substrings of at least this many characters; a shorter one
 # matches so many rows that reading newest first is the fast plan anyway.
 TRIGRAM = 3
@@ -71,11 +76,25 @@ def substring_filters(flt: MessageFilter) -> list[tuple[FilterColumn, str]]:
     return [(column, needle) for column, needle in pairs if needle]
 
 
+def json_text_has(needle: str) -> bool:
+    """Whether an address containing ``needle`` has it, as is, in the stored JSON text of
+    its list (JSON escapes quotes, backslashes and control characters): only then may the
+    ``to`` column's index (over that text) narrow a search for it."""
+    return not any(ch in '"\\' or ch < " " for ch in needle)
+
+
+def indexable(column: FilterColumn, needle: str) -> bool:
+    """Whether the trigram index may narrow this substring filter."""
+    if len(needle) < TRIGRAM:
+        return False
+    return column in (FilterColumn.SUBJECT, FilterColumn.FROM) or json_text_has(needle)
+
+
 def fts_match(flt: MessageFilter) -> str | None:
     """The FTS5 query that narrows ``flt`` to candidate rows, or None when none helps."""
     terms = []
     for column, needle in substring_filters(flt):
-        if len(needle) < TRIGRAM:
+        if not indexable(column, needle):
             continue
         phrase = '"' + needle.replace('"', '""') + '"'
         names = "subject from_addr to_json" if column is FilterColumn.TEXT else column.value
@@ -92,11 +111,13 @@ class UidlComparison(msgspec.Struct, frozen=True, kw_only=True):
     """The server's UIDL list compared with what the store knows of the account.
 
     ``new``: listed UIDLs the store has never seen (to download, or skip if too big);
-    ``deletable``: listed UIDLs of stored messages that the deletion rule removes now.
+    ``deletable``: listed UIDLs of stored messages that the deletion rule removes now;
+    ``unlisted``: how many known UIDLs the server did not list (to forget afterwards).
     """
 
     new: frozenset[str]
     deletable: frozenset[str]
+    unlisted: int = 0
 
 
 class MessageRepository(Protocol):
@@ -110,6 +131,14 @@ class MessageRepository(Protocol):
         delete_stored: bool = False,
         delete_seen_until: datetime | None = None,
     ) -> UidlComparison: ...
+    async def forget_unlisted(
+        self, account_id: str, listed: Sequence[str], *, seen_before: datetime, limit: int
+    ) -> int:
+        """Forget known UIDLs not in ``listed`` seen before ``seen_before``, at least up
+        to ``limit`` of them (a store may take all at once); return how many. Callers call
+        again while it returns ``limit`` or more."""
+        ...
+
     async def store_batch(
         self,
         account_id: str,
@@ -163,35 +192,50 @@ class SQLiteMessageRepository:
         delete_stored: bool = False,
         delete_seen_until: datetime | None = None,
     ) -> UidlComparison:
-        """Compare the server's UIDL list with the known ones, in SQL: forget known UIDLs
-        the server no longer lists, and return only the new ones and the deletable ones.
+        """Compare the server's UIDL list with the known ones, in SQL, and return only the
+        new ones and the deletable ones (known UIDLs the server no longer lists are left
+        to :meth:`forget_unlisted`: they change neither answer).
 
         Deletable: stored (not skipped) and either ``delete_stored`` or seen at or before
         ``delete_seen_until``. The known UIDLs never come into Python, so an account that
         knows 100,000 costs no memory for them.
         """
         # One JSON array parameter, joined by key (json_each): no temporary table to
-        # create and drop, and no statement per UIDL.
+        # create and drop, and no statement per UIDL. A read: no write lock taken.
         server = msgspec.json.encode(list(listed)).decode()
         until = None if delete_seen_until is None else to_text(delete_seen_until)
-        async with self._db.transaction() as conn:
-            # NOT IN over a subquery: SQLite builds one ephemeral index of the list.
-            await conn.execute(
-                "DELETE FROM server_messages WHERE account_id = ?1"
-                " AND uidl NOT IN (SELECT value FROM json_each(?2))",
-                (account_id, server),
-            )
-            cursor = await conn.execute(
-                "SELECT j.value, s.uidl IS NULL FROM json_each(?2) j"
-                " LEFT JOIN server_messages s ON s.account_id = ?1 AND s.uidl = j.value"
-                " WHERE s.uidl IS NULL"
-                " OR (s.state = ?3 AND (?4 OR s.seen_at <= ?5))",
-                (account_id, server, ServerMessageState.STORED.value, delete_stored, until),
-            )
-            rows = await cursor.fetchall()
+        rows = await self._db.fetch_all(
+            "SELECT j.value, s.uidl IS NULL FROM json_each(?2) j"
+            " LEFT JOIN server_messages s ON s.account_id = ?1 AND s.uidl = j.value"
+            " WHERE s.uidl IS NULL"
+            " OR (s.state = ?3 AND (?4 OR s.seen_at <= ?5))",
+            (account_id, server, ServerMessageState.STORED.value, delete_stored, until),
+        )
         new = frozenset(str(row[0]) for row in rows if row[1])
         deletable = frozenset(str(row[0]) for row in rows if not row[1])
-        return UidlComparison(new=new, deletable=deletable)
+        known = await self._db.fetch_one(
+            "SELECT count(*) FROM server_messages WHERE account_id = ?", (account_id,)
+        )
+        unlisted = (int(known[0]) if known else 0) - (len(set(listed)) - len(new))
+        return UidlComparison(new=new, deletable=deletable, unlisted=max(unlisted, 0))
+
+    async def forget_unlisted(
+        self, account_id: str, listed: Sequence[str], *, seen_before: datetime, limit: int
+    ) -> int:
+        """Forget up to ``limit`` known UIDLs that are not in ``listed`` (the server no
+        longer has them) and were seen before ``seen_before`` (so nothing a later
+        retrieval recorded); return how many. Called in rounds until it returns less
+        than ``limit``: each round is a short write transaction."""
+        server = msgspec.json.encode(list(listed)).decode()
+        async with self._db.transaction() as conn:
+            # NOT IN over a subquery: SQLite builds one ephemeral index of the list.
+            cursor = await conn.execute(
+                "DELETE FROM server_messages WHERE account_id = ?1 AND uidl IN"
+                " (SELECT uidl FROM server_messages WHERE account_id = ?1 AND seen_at < ?3"
+                " AND uidl NOT IN (SELECT value FROM json_each(?2)) LIMIT ?4)",
+                (account_id, server, to_text(seen_before), limit),
+            )
+            return max(cursor.rowcount, 0)
 
     async def store_batch(
         self,
@@ -205,17 +249,29 @@ class SQLiteMessageRepository:
             # A UIDL stored twice would break the unique index and roll back the batch:
             # the retrieval then fails and deletes nothing (it cannot happen while the
             # store allows one active retrieval per account and skips known UIDLs).
-            await conn.executemany(
-                f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [_params(m.summary) for m in messages],
+            # Multi-row INSERTs: one step each instead of one per row, and so one hand-off
+            # of the GIL to and from the download and parsing threads instead of hundreds.
+            await _insert_rows(
+                conn, f"INSERT INTO messages ({_COLUMNS})", [_params(m.summary) for m in messages]
             )
-            await conn.executemany(
-                "INSERT INTO message_bodies (message_id, raw) VALUES (?, ?)",
+            # The batch's trigram index rows, in one statement (migration 8: a trigger per
+            # row made FTS5 write a segment per message).
+            await conn.execute(
+                "INSERT INTO messages_fts (rowid, subject, from_addr, to_json)"
+                " SELECT rowid, subject, from_addr, to_json FROM messages"
+                " WHERE id IN (SELECT value FROM json_each(?))",
+                (msgspec.json.encode([m.summary.id for m in messages]).decode(),),
+            )
+            await _insert_rows(
+                conn,
+                "INSERT INTO message_bodies (message_id, raw)",
                 [(m.summary.id, m.raw) for m in messages],
             )
-            await conn.executemany(
-                "INSERT OR REPLACE INTO server_messages (account_id, uidl, state, size, seen_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+            # Possible DSNs, linked to what they report after the commit (bounces).
+            await mark_dsn_candidates(conn, messages)
+            await _insert_rows(
+                conn,
+                "INSERT OR REPLACE INTO server_messages (account_id, uidl, state, size, seen_at)",
                 [
                     (
                         account_id,
@@ -228,6 +284,9 @@ class SQLiteMessageRepository:
                 ],
             )
             await update_progress(conn, retrieval_id, progress)
+            await emit_messages_received(
+                conn, account_id, retrieval_id, [m.summary for m in messages]
+            )
 
     async def record_skipped(
         self, account_id: str, skipped: list[tuple[str, int]], at: datetime
@@ -276,12 +335,24 @@ class SQLiteMessageRepository:
             )
             return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
         window = max(SCAN_WINDOW, (limit + 1) * SCAN_WINDOW_PER_ROW)
+        # The window reads the newest rows that can match at all: with has_attachments
+        # given, through its (account, has_attachments, id) index.
+        scope = "account_id = ? AND id < ?"
+        scope_params: list[object] = [account_id, after or "~"]
+        if flt.has_attachments is not None:
+            scope += " AND has_attachments = ?"
+            scope_params.append(int(flt.has_attachments))
         rows = await self._db.fetch_all(
-            f"SELECT {_M_COLUMNS} FROM (SELECT * FROM messages WHERE account_id = ? AND id < ?"
+            f"SELECT {_M_COLUMNS} FROM (SELECT * FROM messages WHERE {scope}"
             f" ORDER BY id DESC LIMIT ?) m WHERE {condition} ORDER BY m.id DESC LIMIT ?",
-            (account_id, after or "~", window, *params, limit + 1),
+            (*scope_params, window, *params, limit + 1),
         )
-        if len(rows) <= limit:
+        if len(rows) <= limit and await self._db.fetch_one(
+            # Only if the window did not already read every row in scope (a small account,
+            # or the last pages): the index would hand back other accounts' matches too.
+            f"SELECT 1 FROM messages WHERE {scope} ORDER BY id DESC LIMIT 1 OFFSET ?",
+            (*scope_params, window),
+        ):
             if match is not None:
                 rows = await self._db.fetch_all(
                     f"SELECT {_M_COLUMNS} FROM messages_fts f CROSS JOIN messages m"
@@ -325,6 +396,24 @@ class SQLiteMessageRepository:
             "SELECT count(*) FROM messages WHERE account_id = ?", (account_id,)
         )
         return int(row[0]) if row else 0
+
+
+async def _insert_rows(
+    conn: aiosqlite.Connection, head: str, rows: Sequence[tuple[object, ...]]
+) -> None:
+    """``head VALUES (...), (...), ...``: as few statements as SQLite's bound on
+    variables allows."""
+    if not rows:
+        return
+    width = len(rows[0])
+    group = "(" + ", ".join("?" * width) + ")"
+    per = max(1, MAX_VARIABLES // width)
+    for start in range(0, len(rows), per):
+        chunk = rows[start : start + per]
+        await conn.execute(
+            f"{head} VALUES {', '.join([group] * len(chunk))}",
+            [value for row in chunk for value in row],
+        )
 
 
 def _params(m: MessageSummary) -> tuple[object, ...]:

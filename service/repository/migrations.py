@@ -208,6 +208,125 @@ CREATE INDEX messages_retrieved ON messages (account_id, retrieved_at);
 CREATE INDEX messages_attachments ON messages (account_id, has_attachments, id)
 """
 
+V7_POLL_SCHEDULE = """
+-- The poll schedule kept per account: when its next scheduled poll is due. NULL: polling
+-- is off, or the account is not scheduled yet (the scheduler gives it a spread first time).
+-- While a poll runs it holds a claim (a time a lease away); the poll's end sets the next.
+ALTER TABLE accounts ADD COLUMN next_poll_at TEXT;
+-- Backfilled from each polled account's latest retrieval: its end (or its start) plus the
+-- interval, the server's LOGIN-DELAY a floor. Accounts never retrieved stay unscheduled.
+-- Whole seconds are added, so the text's fraction ('.ffffffZ', from character 20) stays.
+UPDATE accounts SET next_poll_at = (
+    SELECT strftime('%Y-%m-%dT%H:%M:%S', coalesce(r.finished_at, r.created_at), '+' ||
+        max(accounts.poll_interval_minutes * 60, coalesce(accounts.login_delay_s, 0))
+        || ' seconds') || substr(coalesce(r.finished_at, r.created_at), 20)
+    FROM retrievals r WHERE r.account_id = accounts.id
+    ORDER BY r.created_at DESC, r.id DESC LIMIT 1
+) WHERE poll_interval_minutes IS NOT NULL;
+-- Due polls in due order; polled accounts still to be scheduled.
+CREATE INDEX accounts_next_poll ON accounts (next_poll_at) WHERE next_poll_at IS NOT NULL;
+CREATE INDEX accounts_unscheduled ON accounts (id)
+    WHERE next_poll_at IS NULL AND poll_interval_minutes IS NOT NULL
+"""
+
+V9_EVENTS = """
+-- Events (transactional outbox): written in the transaction of the change they report.
+-- position is commit-ordered (one writer) and is the pull feed's cursor.
+CREATE TABLE events (
+    position INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    type TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    account_id TEXT,
+    created_at TEXT NOT NULL,
+    data TEXT NOT NULL
+);
+CREATE INDEX events_tenant ON events (tenant, position);
+CREATE INDEX events_created ON events (created_at);
+-- Webhook endpoints of a tenant; secrets encrypted like account passwords. The previous
+-- secret keeps signing until previous_secret_until (rotation grace).
+CREATE TABLE webhooks (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    url TEXT NOT NULL,
+    description TEXT,
+    events_json TEXT NOT NULL,
+    account_ids_json TEXT,
+    enabled INTEGER NOT NULL,
+    secret TEXT NOT NULL,
+    previous_secret TEXT,
+    previous_secret_until TEXT,
+    disabled_reason TEXT,
+    failing_since TEXT,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX webhooks_tenant ON webhooks (tenant, id);
+-- One row per (endpoint, event), inserted with the event: at-least-once, claimed under a
+-- lease, retried until delivered or given up.
+CREATE TABLE webhook_deliveries (
+    id TEXT PRIMARY KEY,
+    webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    event_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempt_count INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    claimed_by TEXT,
+    lease_until TEXT,
+    UNIQUE (webhook_id, event_id)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (webhook_id, next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_created ON webhook_deliveries (created_at);
+-- Every attempt, newest read first at GET /v1/webhooks/{id}/deliveries.
+CREATE TABLE webhook_attempts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id TEXT NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    delivery_id TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    event_type TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    response_status INTEGER,
+    response_body TEXT,
+    error TEXT
+);
+CREATE INDEX webhook_attempts_webhook ON webhook_attempts (webhook_id, seq);
+CREATE INDEX webhook_attempts_at ON webhook_attempts (at)
+"""
+
+V8_FTS_INDEXED_PER_BATCH = """
+-- The trigram index is written by the statement that stores a batch (one INSERT ... SELECT
+-- over the batch's rows, in its transaction) instead of a trigger per row: FTS5 flushes its
+-- pending terms at every trigger's statement boundary, which made each stored message
+-- cost a segment write (2,000 messages: 0.23 s with the trigger, 0.015 s per batch).
+DROP TRIGGER messages_fts_insert
+"""
+
+V10_BOUNCES = """
+-- Bounces: a stored delivery status notification (DSN) tied to the outgoing message it
+-- reports (bounce_of), and the recipients it reports bounced. Messages that may be DSNs
+-- (multipart/report) are queued in dsn_candidates in the transaction that stores them;
+-- linking one deletes its row in the transaction that writes the link, so each DSN is
+-- linked once, and a restart finds those stored but not linked yet.
+ALTER TABLE messages ADD COLUMN bounce_of TEXT REFERENCES outbox (id) ON DELETE SET NULL;
+CREATE INDEX messages_bounce_of ON messages (bounce_of) WHERE bounce_of IS NOT NULL;
+CREATE TABLE dsn_candidates (
+    message_id TEXT PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE
+) WITHOUT ROWID;
+-- The outgoing message a DSN names by its Message-ID.
+CREATE INDEX outbox_message_id ON outbox (account_id, message_id);
+ALTER TABLE outbox_recipients ADD COLUMN bounce_status TEXT;
+ALTER TABLE outbox_recipients ADD COLUMN bounce_diagnostic TEXT;
+ALTER TABLE outbox_recipients ADD COLUMN bounce_remote_mta TEXT;
+ALTER TABLE outbox_recipients ADD COLUMN bounce_message TEXT;
+ALTER TABLE outbox_recipients ADD COLUMN bounced_at TEXT
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, V1_ACCOUNTS),
     (2, V2_RETRIEVALS),
@@ -215,4 +334,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     (4, V4_SMTP_PAUSE),
     (5, V5_LEASES),
     (6, V6_MESSAGE_FILTERS),
+    (7, V7_POLL_SCHEDULE),
+    (8, V8_FTS_INDEXED_PER_BATCH),
+    (9, V9_EVENTS),
+    (10, V10_BOUNCES),
 ]

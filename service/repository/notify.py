@@ -34,6 +34,10 @@ class Topic(StrEnum):
     RETRIEVAL_ENDED = "retrieval_ended"
     #: An API-only process stored a queued retrieval (key: its id) for a worker to claim.
     RETRIEVAL_QUEUED = "retrieval_queued"
+    #: Events of a tenant (key: the tenant) were committed: wake webhook delivery and the
+    #: feed's long-polls. On PostgreSQL it is sent inside the transaction (delivered at
+    #: commit, to this process too).
+    EVENTS = "events"
 
 
 class Notifier(Protocol):

@@ -47,7 +47,9 @@ from service.domain.outbox import (
 )
 from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
 from service.repository.batching import GroupCommit
+from service.repository.bounces import with_bounces
 from service.repository.database import Database
+from service.repository.events import emit_outgoing_outcomes, emit_outgoing_states
 from service.repository.pages import Page
 
 logger = logging.getLogger("mailroom.outbox")
@@ -251,7 +253,8 @@ class SQLiteOutboxRepository:
                     error_code=a["error_code"],
                 )
             )
-        return [_message(row, recipients[row["id"]], attempts[row["id"]]) for row in rows]
+        messages = [_message(row, recipients[row["id"]], attempts[row["id"]]) for row in rows]
+        return await with_bounces(self._db, messages)
 
     async def raw(self, account_id: str, outgoing_id: str) -> bytes | None:
         row = await self._db.fetch_one(
@@ -542,6 +545,7 @@ class SQLiteOutboxRepository:
                     for r in o.recipients
                 ],
             )
+            await emit_outgoing_outcomes(conn, outcomes)
 
     async def release(self, outgoing_ids: Collection[str], at: datetime) -> None:
         """Give back claimed messages that were not attempted (due again at ``at``)."""
@@ -576,6 +580,7 @@ class SQLiteOutboxRepository:
             ids = [row[0] for row in rows]
             if ids:
                 await _fail_open_recipients(conn, ids)
+                await emit_outgoing_states(conn, ids)
             return len(ids)
 
     async def note_hold(self, account_id: str, error: OutgoingError, at: datetime) -> None:

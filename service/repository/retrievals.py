@@ -21,8 +21,9 @@ import msgspec
 from service.codes import ErrorCode
 from service.domain.enums import RetrievalStatus, RetrievalTrigger
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
-from service.domain.time import from_text, opt_from_text, to_text
+from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
 from service.repository.database import Database
+from service.repository.events import emit_retrieval_ended, emit_retrievals_ended
 from service.repository.pages import Page, page_of
 
 _COLUMNS = (
@@ -67,6 +68,8 @@ class RetrievalRepository(Protocol):
         at: datetime,
         progress: RetrievalProgress,
         error: RetrievalError | None,
+        *,
+        next_poll_at: datetime | None = None,
     ) -> None: ...
     async def renew(
         self, owner: str, retrieval_ids: Collection[str], lease_until: datetime
@@ -106,15 +109,15 @@ class SQLiteRetrievalRepository:
                 if newer:
                     return False
             await conn.execute(
-                "INSERT INTO retrievals"
-                " (id, account_id, trigger, status, created_at, owner, lease_until)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO retrievals (id, account_id, trigger, status, created_at,"
+                " started_at, owner, lease_until) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     r.id,
                     r.account_id,
                     r.trigger.value,
                     r.status.value,
                     to_text(r.created_at),
+                    opt_to_text(r.started_at),
                     owner,
                     to_text(lease_until),
                 ),
@@ -190,20 +193,39 @@ class SQLiteRetrievalRepository:
         at: datetime,
         progress: RetrievalProgress,
         error: RetrievalError | None,
+        *,
+        next_poll_at: datetime | None = None,
     ) -> None:
+        """Record the end, progress included, in one statement; ``next_poll_at``: when
+        the account's next scheduled poll is due (if it is still polled), in the same
+        transaction."""
+        p = progress
         async with self._db.transaction() as conn:
-            await update_progress(conn, retrieval_id, progress)
             await conn.execute(
                 "UPDATE retrievals SET status = ?, finished_at = ?, error_code = ?,"
-                " error_detail = ?, lease_until = NULL WHERE id = ?",
+                " error_detail = ?, lease_until = NULL, messages_on_server = ?,"
+                " messages_downloaded = ?, bytes_downloaded = ?, messages_deleted = ?,"
+                " messages_skipped = ? WHERE id = ?",
                 (
                     status.value,
                     to_text(at),
                     error.code if error else None,
                     error.detail if error else None,
+                    p.messages_on_server,
+                    p.messages_downloaded,
+                    p.bytes_downloaded,
+                    p.messages_deleted,
+                    p.messages_skipped,
                     retrieval_id,
                 ),
             )
+            await emit_retrieval_ended(conn, retrieval_id, status.value, at, progress, error)
+            if next_poll_at is not None:
+                await conn.execute(
+                    "UPDATE accounts SET next_poll_at = ? WHERE poll_interval_minutes IS NOT"
+                    " NULL AND id = (SELECT account_id FROM retrievals WHERE id = ?)",
+                    (to_text(next_poll_at), retrieval_id),
+                )
 
     async def renew(self, owner: str, retrieval_ids: Collection[str], lease_until: datetime) -> int:
         """Extend to ``lease_until`` the active retrievals ``owner`` still holds among
@@ -242,9 +264,9 @@ class SQLiteRetrievalRepository:
         if found is None:
             return 0
         async with self._db.transaction() as conn:
-            cursor = await conn.execute(
+            rows = await conn.execute_fetchall(
                 "UPDATE retrievals SET status = ?, finished_at = ?, error_code = ?,"
-                f" error_detail = ?, lease_until = NULL WHERE {where}",
+                f" error_detail = ?, lease_until = NULL WHERE {where} RETURNING id",
                 (
                     RetrievalStatus.FAILED.value,
                     to_text(now),
@@ -255,7 +277,9 @@ class SQLiteRetrievalRepository:
                     *params,
                 ),
             )
-            return cursor.rowcount
+            ended = [str(row[0]) for row in rows]
+            await emit_retrievals_ended(conn, ended)
+            return len(ended)
 
 
 async def update_progress(

@@ -13,12 +13,15 @@ from typing import Protocol
 from service.config import Settings
 from service.repository.accounts import AccountRepository, SQLiteAccountRepository
 from service.repository.api_keys import ApiKeyRepository, SQLiteApiKeyRepository
+from service.repository.bounces import BounceRepository, SQLiteBounceRepository
 from service.repository.database import Database
+from service.repository.events import EventRepository, SQLiteEventRepository
 from service.repository.messages import MessageRepository, SQLiteMessageRepository
 from service.repository.notify import InProcessNotifier, Notifier
 from service.repository.outbox import OutboxRepository, SQLiteOutboxRepository
 from service.repository.retrievals import RetrievalRepository, SQLiteRetrievalRepository
 from service.repository.stats import SQLiteStatsRepository, StatsRepository
+from service.repository.webhooks import SQLiteWebhookRepository, WebhookRepository
 
 
 class Store(Protocol):
@@ -31,6 +34,9 @@ class Store(Protocol):
     retrievals: RetrievalRepository
     outbox: OutboxRepository
     stats: StatsRepository
+    events: EventRepository
+    webhooks: WebhookRepository
+    bounces: BounceRepository
     notifier: Notifier
 
     async def open(self) -> None:
@@ -110,6 +116,9 @@ class SQLiteStore(DatabaseStore):
         self.retrievals: RetrievalRepository = SQLiteRetrievalRepository(self.db)
         self.outbox: OutboxRepository = SQLiteOutboxRepository(self.db)
         self.stats: StatsRepository = SQLiteStatsRepository(self.db)
+        self.events: EventRepository = SQLiteEventRepository(self.db)
+        self.webhooks: WebhookRepository = SQLiteWebhookRepository(self.db)
+        self.bounces: BounceRepository = SQLiteBounceRepository(self.db)
         self.notifier: Notifier = InProcessNotifier()
 
 

@@ -27,6 +27,7 @@ from service.logs import log_event
 from service.repository.accounts import AccountRepository
 from service.repository.notify import Notifier, Topic
 from service.repository.pages import Page
+from service.services.presets import PresetCatalog
 
 logger = logging.getLogger("mailroom.accounts")
 
@@ -62,6 +63,7 @@ class AccountService:
         max_message_bytes: int,
         host_check: HostCheck = _no_host_check,
         notifier: Notifier | None = None,
+        presets: PresetCatalog | None = None,
     ) -> None:
         """``notifier``: told when an account's outgoing settings change (delivery waiting
         on them resumes at once, in whichever process delivers)."""
@@ -70,12 +72,24 @@ class AccountService:
         self._cipher = cipher
         self._max_message_bytes = max_message_bytes
         self._host_check = host_check
+        self._presets = presets if presets is not None else PresetCatalog()
 
     async def create(self, tenant: str, data: AccountInput) -> Account:
+        account = await self.draft(tenant, data)
+        await self._repo.add(account)
+        return account
+
+    async def draft(self, tenant: str, data: AccountInput) -> Account:
+        """The account ``data`` describes, checked (preset filled, hosts allowed) and its
+        passwords sealed, but not stored: what create stores and POST /v1/verify tests."""
         account_id = new_id("acc")
         now = utcnow()
         self._check_cap(data.retrieval.max_message_bytes)
+        data = self._presets.fill(data)
         inc, out = data.incoming, data.outgoing
+        in_security = inc.security or Security.TLS
+        out_security = out.security or Security.TLS
+        assert inc.host is not None and out.host is not None  # fill() makes sure
         account = Account(
             id=account_id,
             tenant=tenant,
@@ -84,15 +98,15 @@ class AccountService:
             display_name=data.display_name,
             incoming=IncomingServer(
                 host=inc.host,
-                port=inc.port or POP3_PORTS[inc.security],
-                security=inc.security,
+                port=inc.port or POP3_PORTS[in_security],
+                security=in_security,
                 username=inc.username,
                 password_encrypted=self._seal(inc.password, account_id, IN_PASSWORD),
             ),
             outgoing=OutgoingServer(
                 host=out.host,
-                port=out.port or SMTP_PORTS[out.security],
-                security=out.security,
+                port=out.port or SMTP_PORTS[out_security],
+                security=out_security,
                 username=out.username,
                 password_encrypted=(
                     None
@@ -111,7 +125,6 @@ class AccountService:
             updated_at=now,
         )
         await self._host_check(account)
-        await self._repo.add(account)
         return account
 
     async def get(self, tenant: str, account_id: str) -> Account:

@@ -50,6 +50,15 @@ makes it due again. So it may be sent twice, always with the same Message-ID, an
 lost. On a graceful stop, sends in progress get ``shutdown_grace_s`` to finish; a send cut
 short then is recorded ``interrupted`` and queued again the same way.
 
+Where SMTP runs: in this process (``LocalSession``) or, so that accepting and delivering
+use two cores, in a child process (``service.services.delivery_process``): everything
+above (claims, leases, policies, outcomes) stays here, the child only opens sessions and
+sends. A child that dies fails the calls waiting on it (``DeliveryProcessLost``): the
+message in flight gets an ``interrupted`` attempt, the rest of the claim goes back, and
+the next session starts a new child. A session the server refuses (transiently) while
+other sessions of the account run is the server's limit, not trouble: its claim goes back
+untried and the account keeps the sessions it has for ``SERVER_LIMIT_S``.
+
 Wake-ups come through the store's notifier (``Topic.OUTBOX`` after a 202, ``Topic.OUTGOING``
 after new outgoing settings), from whichever process took the request; the idle poll
 (``idle_poll_s``) is the fallback.
@@ -72,6 +81,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from service.codes import ErrorCode
 from service.domain.accounts import Account, SMTPPause
@@ -95,6 +105,7 @@ from service.repository.notify import Notifier, Topic
 from service.repository.outbox import EXPIRED_CODE, OutboxRepository
 from service.services.accounts import AccountService
 from service.services.connect import ConnectFailure, MailConnector
+from service.services.delivery_process import DeadlineReached, DeliveryProcessLost
 from service.services.leases import RENEWALS_PER_LEASE, SWEEPS_PER_LEASE, Periodic, lease_length
 from service.smtp import (
     RcptStatus,
@@ -103,6 +114,7 @@ from service.smtp import (
     SMTPReplyError,
     SMTPServer,
     SMTPSession,
+    SMTPStage,
     SMTPTimedOut,
     SMTPTimeouts,
 )
@@ -115,8 +127,14 @@ MAX_MESSAGES_PER_SESSION = 200  # then the session ends and its slot is planned 
 SESSION_IDLE_S = 1.0  # an emptied session waits this long for new mail before QUIT
 SHUTDOWN_GRACE_S = 10.0  # sends in progress at shutdown get this long to finish
 IDLE_POLL_S = 5.0  # longest sleep: notices account changes (a PATCH ends a pause)
+# Wake-ups closer together than this (a 202 each, under load) share one planning round: a
+# round is two store reads, and a running session claims new mail of its account itself.
+PLAN_INTERVAL_S = 0.02
 EXPIRY_SWEEP_S = 60.0  # how often messages past max_message_age_s are failed
 DUE_ACCOUNTS_SCAN = 1000  # accounts considered per planning round
+# A server that refuses one more session while others of the account are open (a 421 at
+# the greeting, a refused or dropped connection) is held to the sessions it took, this long.
+SERVER_LIMIT_S = 300.0
 WRITE_BATCH = 500  # outcomes per commit
 WRITE_RETRIES = 3
 WRITE_RETRY_DELAY_S = 0.5
@@ -160,6 +178,74 @@ class DeliveryPolicy:
     def sessions_per_tenant(self) -> int:
         cap = self.max_sessions_per_tenant
         return self.concurrency if cap is None else max(1, min(cap, self.concurrency))
+
+
+class DeliverySession(Protocol):
+    """One SMTP connection as the worker uses it: in this process (:class:`LocalSession`)
+    or in the delivery child (``delivery_process.RemoteSession``). ``deadline`` is the
+    attempt's, in loop time: a session that enforces it itself raises
+    ``DeadlineReached`` (after dropping the connection and noting its ``stage``)."""
+
+    @property
+    def usable(self) -> bool: ...
+
+    @property
+    def stage(self) -> SMTPStage: ...
+
+    async def open(self, deadline: float) -> None: ...
+
+    async def send(
+        self,
+        mail_from: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool,
+        deadline: float,
+    ) -> SendResult: ...
+
+    async def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+SessionFactory = Callable[[SMTPServer], DeliverySession]
+
+
+class LocalSession:
+    """An :class:`SMTPSession` in this process; the worker's own timeout keeps the
+    deadline."""
+
+    def __init__(self, server: SMTPServer) -> None:
+        self._session = SMTPSession(server)
+
+    @property
+    def usable(self) -> bool:
+        return self._session.usable
+
+    @property
+    def stage(self) -> SMTPStage:
+        return self._session.stage
+
+    async def open(self, deadline: float) -> None:
+        await self._session.open()
+
+    async def send(
+        self,
+        mail_from: str,
+        recipients: list[str],
+        data: bytes,
+        *,
+        smtputf8: bool,
+        deadline: float,
+    ) -> SendResult:
+        return await self._session.send(mail_from, recipients, data, smtputf8=smtputf8)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    def abort(self) -> None:
+        self._session.abort()
 
 
 class _Failure(Exception):
@@ -262,11 +348,15 @@ class DeliveryWorker:
         clock: Clock = utcnow,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        sessions: SessionFactory = LocalSession,
     ) -> None:
         """``owner``: this process's id, on every claim it makes. ``lease_s``: how long a
         claim holds unless renewed (default ``leases.LEASE_S``). ``exclusive``: the only
         process on its store (SQLite), so at start every ``sending`` message is taken back,
-        whatever its lease. ``notifier``: wake-ups from the processes that accept mail."""
+        whatever its lease. ``notifier``: wake-ups from the processes that accept mail.
+        ``sessions``: where SMTP runs (default: here; ``DeliveryProcess.session`` runs it
+        in the delivery child while every store write stays in this process)."""
+        self._new_session = sessions
         self._outbox = outbox
         self._owner = owner
         self._lease_s = lease_length(lease_s)
@@ -289,6 +379,8 @@ class DeliveryWorker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._claimed: set[str] = set()  # taken (sending), outcome not yet produced
         self._held: dict[str, datetime] = {}  # transient trouble: not before this time
+        # account id -> (sessions its server allows, until when on the monotonic clock)
+        self._server_limits: dict[str, tuple[int, float]] = {}
         self._dispatcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._heartbeat = Periodic(
@@ -392,6 +484,7 @@ class DeliveryWorker:
         """The account's outgoing settings changed (its pause, if any, is cleared and its
         waiting messages are due): deliver them now, not after a backoff or a poll."""
         self._held.pop(account_id, None)
+        self._server_limits.pop(account_id, None)  # perhaps another server now
         self.notify(account_id)
 
     def _wake_up(self) -> None:
@@ -401,8 +494,10 @@ class DeliveryWorker:
 
     async def _dispatch(self) -> None:
         last_sweep = -math.inf
+        loop = asyncio.get_running_loop()
         while not self._stopping:
             self._wake.clear()
+            planned_at = loop.time()
             try:
                 if time.monotonic() - last_sweep >= EXPIRY_SWEEP_S:
                     last_sweep = time.monotonic()
@@ -420,6 +515,8 @@ class DeliveryWorker:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+            if (pause := planned_at + PLAN_INTERVAL_S - loop.time()) > 0:
+                await asyncio.sleep(pause)
 
     async def _plan(self) -> float:
         """Start sessions for due accounts; return how long to sleep at most."""
@@ -441,7 +538,7 @@ class DeliveryWorker:
             tenant_of[account.account_id] = account.tenant
             running = self._sessions.get(account.account_id, 0)
             target = min(
-                self._policy.sessions_per_account,
+                self._sessions_allowed(account.account_id),
                 math.ceil(account.due / self._policy.claim_batch),
             )
             wanted += [account.account_id] * max(0, target - running)
@@ -465,6 +562,36 @@ class DeliveryWorker:
         if not wake_times:
             return poll
         return max(0.0, min(poll, (min(wake_times) - self._clock()).total_seconds()))
+
+    def _sessions_allowed(self, account_id: str) -> int:
+        """Sessions the account may have: the policy's, less if its server said so."""
+        limit = self._server_limits.get(account_id)
+        if limit is not None:
+            if limit[1] > time.monotonic():
+                return min(limit[0], self._policy.sessions_per_account)
+            del self._server_limits[account_id]
+        return self._policy.sessions_per_account
+
+    def _at_server_limit(self, account: Account, failure: _Failure) -> bool:
+        """A session the server would not take (transiently) while other sessions of the
+        account run: the server's limit, not trouble. Note it (the account keeps the
+        sessions it has, and gets no more for ``SERVER_LIMIT_S``); True when the claim
+        simply goes back. When the server is down, the last of them to fail holds the
+        account as usual."""
+        others = self._sessions.get(account.id, 1) - 1
+        if not failure.transient or others < 1:
+            return False
+        self._server_limits[account.id] = (others, time.monotonic() + SERVER_LIMIT_S)
+        log_event(
+            logger,
+            "smtp sessions limited by the server",
+            tenant=account.tenant,
+            account_id=account.id,
+            sessions=others,
+            code=failure.code,
+            detail=failure.detail,
+        )
+        return True
 
     def _start_session(self, account_id: str, tenant: str) -> None:
         self._sessions[account_id] = self._sessions.get(account_id, 0) + 1
@@ -505,7 +632,7 @@ class DeliveryWorker:
         if account is None or account.smtp_pause is not None:
             return
         batch = await self._claim(account_id)
-        session: SMTPSession | None = None
+        session: DeliverySession | None = None
         done = 0
         in_flight: dict[str, datetime] = {}  # the message being sent -> when it began
         loop = asyncio.get_running_loop()
@@ -524,8 +651,9 @@ class DeliveryWorker:
                             session = await self._open(account, deadline)
                         except _Failure as failure:
                             session = None
-                            await self._open_failed(account, list(pending), failure)
-                            return
+                            if not self._at_server_limit(account, failure):
+                                await self._open_failed(account, list(pending), failure)
+                            return  # what is still claimed goes back below
                     message = pending.popleft()
                     in_flight[message.id] = self._clock()
                     outcome = await self._attempt(session, message, deadline)
@@ -537,6 +665,14 @@ class DeliveryWorker:
                 batch = await self._claim(account_id)
                 if not batch and await self._linger(account_id):
                     batch = await self._claim(account_id)
+        except DeliveryProcessLost as exc:
+            # The delivery child died: the message in flight gets an ``interrupted``
+            # attempt and is due again, the rest of the claim goes back (below), as
+            # after a crash of the whole process; the next session starts a new child.
+            logger.warning(
+                "SMTP session for account %s lost its delivery process: %s", account_id, exc
+            )
+            session = None
         except asyncio.CancelledError:
             if session is not None:
                 # Cancelled mid-transaction (shutdown grace ran out): a QUIT now would
@@ -665,16 +801,16 @@ class DeliveryWorker:
         )
 
     async def _attempt(
-        self, session: SMTPSession, message: ClaimedMessage, deadline: float
+        self, session: DeliverySession, message: ClaimedMessage, deadline: float
     ) -> DeliveryOutcome:
         """One attempt within its overall deadline: past it, the connection is dropped and
         the attempt is a transient ``timeout``."""
         timeout = asyncio.timeout_at(deadline)
         try:
             async with timeout:
-                return await self._deliver(session, message)
-        except TimeoutError:
-            if not timeout.expired():
+                return await self._deliver(session, message, deadline)
+        except TimeoutError as timed_out:
+            if not timeout.expired() and not isinstance(timed_out, DeadlineReached):
                 raise
         # The session dropped the connection when the deadline cancelled it mid-command;
         # make sure: a transaction cut short cannot go on on this connection.
@@ -689,15 +825,15 @@ class DeliveryWorker:
         )
         return self._failed(message, message.open_recipients, exc)
 
-    async def _open(self, account: Account, deadline: float) -> SMTPSession:
+    async def _open(self, account: Account, deadline: float) -> DeliverySession:
         """A connected, secured, authenticated session for the account, within the
         attempt's deadline."""
         timeout = asyncio.timeout_at(deadline)
         try:
             async with timeout:
-                return await self._open_session(account)
-        except TimeoutError:
-            if not timeout.expired():
+                return await self._open_session(account, deadline)
+        except TimeoutError as timed_out:
+            if not timeout.expired() and not isinstance(timed_out, DeadlineReached):
                 raise
         raise _Failure(
             ErrorCode.TIMEOUT,
@@ -707,7 +843,7 @@ class DeliveryWorker:
             account_level=True,
         )
 
-    async def _open_session(self, account: Account) -> SMTPSession:
+    async def _open_session(self, account: Account, deadline: float) -> DeliverySession:
         try:
             password = self._accounts.credentials(account).outgoing_password
             server = await self._connector.smtp_server(account, password)
@@ -718,9 +854,9 @@ class DeliveryWorker:
         except ServiceError as exc:  # credentials that cannot be decrypted
             raise _Failure(exc.code, exc.detail, transient=False, account_level=True) from exc
         server = self._configure(server)
-        session = SMTPSession(server)
+        session = self._new_session(server)
         try:
-            await session.open()
+            await session.open(deadline)
         except SMTPDeliveryError as exc:
             raise _Failure(
                 exc.code,
@@ -803,7 +939,9 @@ class DeliveryWorker:
 
     # -- one message -------------------------------------------------------------------
 
-    async def _deliver(self, session: SMTPSession, message: ClaimedMessage) -> DeliveryOutcome:
+    async def _deliver(
+        self, session: DeliverySession, message: ClaimedMessage, deadline: float
+    ) -> DeliveryOutcome:
         now = self._clock()
         if now >= message.expires_at:
             return _conclude(message, {}, now, None, expired=True)
@@ -816,6 +954,7 @@ class DeliveryWorker:
                 [r.address for r in targets],
                 message.raw,
                 smtputf8=message.smtputf8,
+                deadline=deadline,
             )
         except SMTPDeliveryError as exc:
             return self._failed(message, targets, exc)

@@ -7,6 +7,7 @@ import asyncio
 from service.domain.retrievals import MessageFilter, MessageSummary
 from service.errors import NotFound
 from service.mail.parse import Attachment, AttachmentNotFound, ParsedMessage, attachment, parse
+from service.repository.bounces import BounceRepository, with_bounce_of
 from service.repository.messages import MessageRepository
 from service.repository.pages import Page
 from service.services.accounts import AccountService
@@ -16,21 +17,35 @@ PARSE_IN_THREAD_BYTES = 256 * 1024
 
 
 class MessageService:
-    def __init__(self, accounts: AccountService, messages: MessageRepository) -> None:
+    def __init__(
+        self,
+        accounts: AccountService,
+        messages: MessageRepository,
+        bounces: BounceRepository | None = None,
+    ) -> None:
+        """``bounces``: fills in ``bounce_of`` (the outgoing message a stored DSN reports)."""
         self._accounts = accounts
         self._messages = messages
+        self._bounces = bounces
 
     async def page(
         self, tenant: str, account_id: str, flt: MessageFilter, *, after: str | None, limit: int
     ) -> Page[MessageSummary]:
         await self._accounts.get(tenant, account_id)
-        return await self._messages.page(account_id, flt, after=after, limit=limit)
+        page = await self._messages.page(account_id, flt, after=after, limit=limit)
+        if self._bounces is None or not page.items:
+            return page
+        links = await self._bounces.bounce_of(account_id, [m.id for m in page.items])
+        return Page(items=with_bounce_of(page.items, links), next_after=page.next_after)
 
     async def summary(self, tenant: str, account_id: str, message_id: str) -> MessageSummary:
         await self._accounts.get(tenant, account_id)
         summary = await self._messages.get(account_id, message_id)
         if summary is None:
             raise NotFound(f"no message {message_id!r}")
+        if self._bounces is not None:
+            links = await self._bounces.bounce_of(account_id, [summary.id])
+            [summary] = with_bounce_of([summary], links)
         return summary
 
     async def raw(self, tenant: str, account_id: str, message_id: str) -> bytes:

@@ -70,6 +70,7 @@ from service.repository.retrievals import RetrievalRepository
 from service.services.accounts import AccountService
 from service.services.connect import ConnectFailure, MailConnector
 from service.services.leases import RENEWALS_PER_LEASE, SWEEPS_PER_LEASE, Periodic, lease_length
+from service.services.scheduler import next_poll_at
 
 logger = logging.getLogger("mailroom.retrieval")
 
@@ -77,6 +78,10 @@ logger = logging.getLogger("mailroom.retrieval")
 # 2,000 small messages, bounded in memory for large ones.
 BATCH_MESSAGES = 500
 BATCH_BYTES = 8 * 1024 * 1024
+#: Known UIDLs the server no longer lists are forgotten after the retrieval has ended, this
+#: many per (short) transaction: an account that knew 100,000 does not make its retrieval
+#: wait for them, nor hold the store's writer for long.
+FORGET_BATCH = 5000
 #: Messages handed to the parsing thread at a time: small enough that parsing keeps up
 #: with the download, large enough that the hand-over costs little.
 PARSE_CHUNK = 50
@@ -107,6 +112,7 @@ class _Outcome(msgspec.Struct, frozen=True, kw_only=True):
     progress: RetrievalProgress
     error: RetrievalError | None
     tenant: str | None = None  # whose slot it held (counted until the end is recorded)
+    next_poll_at: datetime | None = None  # the account's next scheduled poll, if polled
 
 
 class _Slot:
@@ -178,7 +184,13 @@ class RetrievalService:
         # Retrieval id -> an end the store has not recorded yet (retried in the background).
         self._unrecorded: dict[str, _Outcome] = {}
         self._recorders: set[asyncio.Task[None]] = set()
+        self._forgetters: set[asyncio.Task[None]] = set()
         self._stopping = False
+        # Called whenever a slot frees (the scheduler starts the next due poll at once).
+        self._slot_watchers: list[Callable[[], None]] = []
+        # Called with the account id right after each batch of its messages commits (the
+        # bounce service links the DSNs among them); must not raise.
+        self.after_batch: Callable[[str], Awaitable[None]] | None = None
         # Retrieval id -> the event its long-polling callers wait on, and how many they are.
         self._waiters: dict[str, tuple[asyncio.Event, int]] = {}
         # Header parsing runs here, off the event loop, while the next messages download.
@@ -229,9 +241,9 @@ class RetrievalService:
         """
         self._stopping = True
         await self._sweep.stop()
-        for recorder in list(self._recorders):
+        for recorder in [*self._recorders, *self._forgetters]:
             recorder.cancel()
-        await asyncio.gather(*self._recorders, return_exceptions=True)
+        await asyncio.gather(*self._recorders, *self._forgetters, return_exceptions=True)
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -253,6 +265,31 @@ class RetrievalService:
             )
         return retrieval
 
+    async def poll(self, account: Account) -> Retrieval:
+        """The scheduler's trigger for an account it claimed: started as running at once
+        (no caller sees it queued, so no separate write marks its start). Raises
+        ``Conflict`` (one is active) and ``TooManyRequests`` (no slot, or the tenant's
+        share is full) like :meth:`trigger`."""
+        retrieval = await self._trigger(account, RetrievalTrigger.SCHEDULE, running=True)
+        assert retrieval is not None  # skipped only with ``not_after``
+        return retrieval
+
+    def on_slot_free(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` each time a retrieval slot of this process frees."""
+        self._slot_watchers.append(callback)
+
+    def _free(self, retrieval_id: str) -> None:
+        self._slots.pop(retrieval_id, None)
+        for watcher in self._slot_watchers:
+            watcher()
+
+    def full_tenants(self) -> set[str]:
+        """Tenants holding their whole share of this process's slots."""
+        held: dict[str, int] = {}
+        for slot in self._slots.values():
+            held[slot.tenant] = held.get(slot.tenant, 0) + 1
+        return {tenant for tenant, count in held.items() if count >= self._max_per_tenant}
+
     async def trigger_scheduled(
         self, account: Account, *, not_after: datetime | None = None
     ) -> Retrieval | None:
@@ -271,7 +308,12 @@ class RetrievalService:
         )
 
     async def _trigger(
-        self, account: Account, trigger: RetrievalTrigger, *, not_after: datetime | None = None
+        self,
+        account: Account,
+        trigger: RetrievalTrigger,
+        *,
+        not_after: datetime | None = None,
+        running: bool = False,
     ) -> Retrieval | None:
         held = sum(1 for slot in self._slots.values() if slot.tenant == account.tenant)
         if held >= self._max_per_tenant:
@@ -281,12 +323,14 @@ class RetrievalService:
                 f"all {self._max_concurrent} retrieval slots are in use; try again shortly",
                 code=ErrorCode.TOO_MANY_RETRIEVALS,
             )
+        now = utcnow()
         retrieval = Retrieval(
             id=new_id("ret"),
             account_id=account.id,
             trigger=trigger,
-            status=RetrievalStatus.QUEUED,
-            created_at=utcnow(),
+            status=RetrievalStatus.RUNNING if running else RetrievalStatus.QUEUED,
+            created_at=now,
+            started_at=now if running else None,
         )
         # Held from now, so concurrent triggers cannot overrun the limits while this one
         # waits for the store.
@@ -305,7 +349,7 @@ class RetrievalService:
         slot.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _: self._slots.pop(retrieval.id, None))
+        task.add_done_callback(lambda _: self._free(retrieval.id))
         return retrieval
 
     @property
@@ -323,12 +367,15 @@ class RetrievalService:
         slot.task = task
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        task.add_done_callback(lambda _: self._slots.pop(retrieval.id, None))
+        task.add_done_callback(lambda _: self._free(retrieval.id))
 
     async def _check_tenant_share(self, tenant: str) -> None:
         """The tenant's share counted across processes: its active retrievals in the store
         that are not this process's, plus the slots this process holds for it (which
-        include the one being reserved)."""
+        include the one being reserved). The only process of its store (``exclusive``)
+        holds every active retrieval there is, and has counted them already."""
+        if self._exclusive:
+            return
         stored = await self._retrievals.count_active_for_tenant(tenant)
         mine = [slot for slot in self._slots.values() if slot.tenant == tenant]
         unrecorded = sum(1 for o in self._unrecorded.values() if o.tenant == tenant)
@@ -399,7 +446,12 @@ class RetrievalService:
 
     async def _record(self, retrieval_id: str, outcome: _Outcome) -> None:
         await self._retrievals.finish(
-            retrieval_id, outcome.status, outcome.finished_at, outcome.progress, outcome.error
+            retrieval_id,
+            outcome.status,
+            outcome.finished_at,
+            outcome.progress,
+            outcome.error,
+            next_poll_at=outcome.next_poll_at,
         )
         self._unrecorded.pop(retrieval_id, None)
         self._announce_end(retrieval_id)
@@ -549,13 +601,14 @@ class RetrievalService:
 
     async def _run(self, run: _Run) -> None:
         retrieval = run.retrieval
-        started_at = utcnow()
         status, error = RetrievalStatus.SUCCEEDED, None
         try:
-            await self._retrievals.start(retrieval.id, started_at)
-            run.retrieval = msgspec.structs.replace(
-                retrieval, status=RetrievalStatus.RUNNING, started_at=started_at
-            )
+            if retrieval.started_at is None:  # stored as queued: mark its start
+                started_at = utcnow()
+                await self._retrievals.start(retrieval.id, started_at)
+                run.retrieval = msgspec.structs.replace(
+                    retrieval, status=RetrievalStatus.RUNNING, started_at=started_at
+                )
             await run.execute()
         except asyncio.CancelledError:
             if not run.cancel_requested or self._stopping:
@@ -587,17 +640,44 @@ class RetrievalService:
             status = RetrievalStatus.FAILED
             error = RetrievalError(ErrorCode.INTERNAL_ERROR, "unexpected error; it has been logged")
         await self._finish(run, status, error)
+        if run.listed is not None and not self._stopping:
+            forgetter = asyncio.create_task(
+                self._forget_unlisted(run.account.id, *run.listed),
+                name=f"forget unlisted UIDLs of {retrieval.id}",
+            )
+            self._forgetters.add(forgetter)
+            forgetter.add_done_callback(self._forgetters.discard)
+
+    async def _forget_unlisted(self, account_id: str, listed: list[str], at: datetime) -> None:
+        """Forget the account's known UIDLs its server no longer listed at ``at`` (they
+        change no comparison, so this runs after the retrieval, in short rounds)."""
+        try:
+            forgotten = FORGET_BATCH
+            while forgotten >= FORGET_BATCH:  # other writers get their turn between rounds
+                forgotten = await self._messages.forget_unlisted(
+                    account_id, listed, seen_before=at, limit=FORGET_BATCH
+                )
+        except RepositoryError as exc:  # the next retrieval of the account tries again
+            logger.warning("forgetting UIDLs gone from the server failed: %s", exc)
 
     async def _finish(
         self, run: _Run, status: RetrievalStatus, error: RetrievalError | None
     ) -> None:
         retrieval = run.retrieval
+        finished_at = utcnow()
         outcome = _Outcome(
             status=status,
-            finished_at=utcnow(),
+            finished_at=finished_at,
             progress=run.progress(),
             error=error,
             tenant=run.account.tenant,
+            # Recorded with the end, in one transaction: the schedule never misses a poll.
+            next_poll_at=next_poll_at(
+                run.account,
+                finished_at,
+                error.code if error else None,
+                login_delay_s=run.client.login_delay if run.client is not None else None,
+            ),
         )
         done = _ended(retrieval, outcome)
         started = retrieval.started_at or retrieval.created_at
@@ -691,6 +771,8 @@ class _Run:
         self.bytes = 0
         self.deleted = 0
         self.skipped = 0
+        # The server's UIDL list and when it was read (for forgetting the unlisted ones).
+        self.listed: tuple[list[str], datetime] | None = None
 
     def progress(self) -> RetrievalProgress:
         return RetrievalProgress(
@@ -749,10 +831,9 @@ class _Run:
             delay = client.login_delay
             if delay != account.login_delay_s:
                 await s._account_repo.set_login_delay(account.id, delay)
+            listed_at = utcnow()
             uidls = await client.uidl()
-            sizes = await client.list()
             self.on_server = len(uidls)
-            await s._retrievals.progress(self.retrieval.id, self.progress())
 
             # Compared in the store: the known UIDLs never come into this process.
             delete_stored, seen_until = self._deletion_rule()
@@ -762,6 +843,10 @@ class _Run:
                 delete_stored=delete_stored,
                 delete_seen_until=seen_until,
             )
+            if compared.unlisted:  # forgotten once the retrieval has ended
+                self.listed = (list(uidls.values()), listed_at)
+            # Sizes matter only for new messages: a poll that finds none skips LIST.
+            sizes = await client.list() if compared.new else {}
 
             wanted: list[int] = []
             too_big: list[tuple[str, int]] = []
@@ -773,6 +858,10 @@ class _Run:
                     too_big.append((uidl, size))
                 else:
                     wanted.append(number)
+            if wanted or too_big:
+                # Shown while the work goes on; a poll that finds nothing new writes its
+                # count once, with its end.
+                await s._retrievals.progress(self.retrieval.id, self.progress())
             await self._skip(too_big)
 
             to_delete = [n for n, uidl in uidls.items() if uidl in compared.deletable]
@@ -852,6 +941,8 @@ class _Run:
             # Only now, with the batch committed, may its messages be deleted.
             if delete_new:
                 deletable.extend(numbers)
+            if self.s.after_batch is not None:
+                await self.s.after_batch(self.account.id)
 
         async def flush() -> None:
             nonlocal writer, parsing, numbers, size

@@ -119,7 +119,10 @@ class AccountVerifier:
 
     async def verify(self, tenant: str, account_id: str) -> VerifyResult:
         """Check both servers of the account, concurrently, within the verify budget."""
-        account = await self._accounts.get(tenant, account_id)
+        return await self.check(await self._accounts.get(tenant, account_id))
+
+    async def check(self, account: Account) -> VerifyResult:
+        """Check both servers of ``account`` (stored, or a draft that is never stored)."""
         incoming, outgoing = await asyncio.gather(self._pop3(account), self._smtp(account))
         return VerifyResult(ok=incoming.ok and outgoing.ok, incoming=incoming, outgoing=outgoing)
 

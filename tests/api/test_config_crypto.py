@@ -76,9 +76,9 @@ def test_bad_values_name_the_variable(name: str, value: str, mentions: str) -> N
 
 def test_tenant_shares_default_to_half_only_with_several_tenants() -> None:
     one = Settings.from_env({"MAILROOM_API_KEYS": "k-0123456789abcdef"})
-    assert (one.retrievals_per_tenant, one.smtp_sessions_tenant_share) == (8, 8)
+    assert (one.retrievals_per_tenant, one.smtp_sessions_tenant_share) == (8, 20)
     several = Settings.from_env({"MAILROOM_API_KEYS": "a:k-0123456789abcdef,b:k-abcdef0123456789"})
-    assert (several.retrievals_per_tenant, several.smtp_sessions_tenant_share) == (4, 4)
+    assert (several.retrievals_per_tenant, several.smtp_sessions_tenant_share) == (4, 10)
     tiny = Settings.from_env(
         {
             "MAILROOM_API_KEYS": "a:k-0123456789abcdef,b:k-abcdef0123456789",
@@ -86,7 +86,7 @@ def test_tenant_shares_default_to_half_only_with_several_tenants() -> None:
             "MAILROOM_SMTP_SESSIONS_PER_TENANT": "50",
         }
     )
-    assert (tiny.retrievals_per_tenant, tiny.smtp_sessions_tenant_share) == (1, 8)
+    assert (tiny.retrievals_per_tenant, tiny.smtp_sessions_tenant_share) == (1, 20)
 
 
 def test_ehlo_name_accepts_names_and_address_literals() -> None:

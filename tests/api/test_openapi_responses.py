@@ -131,6 +131,9 @@ async def conformance(tmp_path: Path, dovecot: Dovecot, smtpd: SMTPDServer) -> A
             "MAILROOM_API_KEYS": KEY,
             "MAILROOM_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
             "MAILROOM_CA_FILE": dovecot.ca_file,
+            # Autoconfig asks only loopback-bound sources here, briefly.
+            "MAILROOM_ISPDB_URL": "off",
+            "MAILROOM_AUTOCONFIG_TIMEOUT": "2",
         }
     )
     try:
@@ -175,6 +178,24 @@ async def test_every_operation_answers_as_documented(
     await c.call("GetAccount", 200, at=ids)
     await c.call("UpdateAccount", 200, at=ids, json={"display_name": None})
     await c.call("VerifyAccount", 200, at=ids)
+    await c.call("ListPresets", 200)
+    draft = {
+        "name": "Draft",
+        "email": "conf@example.com",
+        "incoming": {
+            "host": dovecot.hostname,
+            "port": dovecot.pop3_port,
+            "security": "starttls",
+            "username": mailbox.user,
+            "password": mailbox.password,
+        },
+        "outgoing": {"host": smtpd.host, "port": smtpd.port, "security": "none"},
+    }
+    await c.call("VerifySettings", 200, json=draft)
+    unknown = await c.call("VerifySettings", 422, json={**draft, "preset": "nosuch"})
+    assert unknown.json()["code"] == "unknown_preset"
+    await c.call("DiscoverSettings", 200, params={"email": "conf@localhost"})
+    await c.call("DiscoverSettings", 422, params={"email": "no-at-sign"})
 
     send = {
         "to": ["reader@example.com"],
@@ -244,6 +265,25 @@ async def test_every_operation_answers_as_documented(
     assert octets.headers["content-type"] == "application/octet-stream"
     await c.call("GetAttachment", 404, at={**message, "index": 7})
     await c.call("DeleteMessage", 204, at=message)
+
+    # Webhooks and the event feed.
+    hook_body = {"url": "http://127.0.0.1:9/hook", "events": ["outgoing.sent"]}
+    hook = (await c.call("CreateWebhook", 201, json=hook_body)).json()["webhook"]
+    at_hook = {"webhook_id": hook["id"]}
+    await c.call("ListWebhooks", 200)
+    await c.call("GetWebhook", 200, at=at_hook)
+    await c.call("UpdateWebhook", 200, at=at_hook, json={"description": "ops"})
+    await c.call("RotateWebhookSecret", 200, at=at_hook)
+    await c.call("TestWebhook", 202, at=at_hook)
+    await c.call("ListWebhookDeliveries", 200, at=at_hook)
+    await c.call("CreateWebhook", 422, json={**hook_body, "url": "http://93.184.216.34/"})
+    await c.call("UpdateWebhook", 200, at=at_hook, json={"enabled": False})
+    await c.call("TestWebhook", 409, at=at_hook)
+    await c.call("DeleteWebhook", 204, at=at_hook)
+    await c.call("GetWebhook", 404, at=at_hook)
+    events = await c.call("ListEvents", 200, params={"types": "outgoing.sent"})
+    assert events.json()["items"]
+    await c.call("ListEvents", 422, params={"after": "nope"})
 
     # Errors, as documented.
     await c.call("GetAccount", 404, at={"account_id": "acc_missing"})

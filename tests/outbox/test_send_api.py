@@ -45,9 +45,11 @@ async def test_accepted_message_is_queued_with_fixed_ids_then_sent(
             "status": "pending",
             "smtp_code": None,
             "smtp_message": None,
+            "bounce": None,
         }
     ]
     assert accepted["attempts"] == [] and accepted["error"] is None
+    assert accepted["bounces"] == []
 
     done = await wait_status(client, account_id, accepted["id"])
     assert done["status"] == "sent"

@@ -138,6 +138,8 @@ async def test_every_filter_through_its_index_gives_the_scan_s_answer(
     for n in range(total):
         subject = f'Needle_%x "Ünïcode" {n}' if n in rare else f"Weekly report {n}"
         to = [f"Rare Person <rare{n}@example.org>"] if n in rare else ["bob@example.com"]
+        if n == 250:  # quoted: its JSON text reads \"Rare Person\"
+            to = ['"Rare Person" <rare250@example.org>']
         batch.append(new_message(account.id, n, subject=subject, to=to))
     for start in range(0, total, 500):
         await store.messages.store_batch(
@@ -171,6 +173,12 @@ async def test_every_filter_through_its_index_gives_the_scan_s_answer(
         (MessageFilter(subject_contains='"Ünï'), lambda s: has(s.subject, '"Ünï')),
         (MessageFilter(to_contains="RARE5@"), lambda s: any(has(t, "rare5@") for t in s.to)),
         (MessageFilter(to_contains='", "'), lambda s: False),  # never across two addresses
+        # A quote is escaped in the stored JSON text: found all the same (not by the index).
+        (
+            MessageFilter(to_contains='"RARE PERSON" <'),
+            lambda s: any(has(t, '"rare person" <') for t in s.to),
+        ),
+        (MessageFilter(text_contains='"rare person"'), lambda s: s.uidl == "uidl-250"),
         (MessageFilter(text_contains="rare person"), lambda s: s.uidl in rare_uidls),
         (MessageFilter(text_contains="S17@EXAMPLE"), lambda s: has(s.from_, "s17@example")),
         (MessageFilter(text_contains="report 12"), lambda s: has(s.subject, "report 12")),
@@ -188,11 +196,32 @@ async def test_every_filter_through_its_index_gives_the_scan_s_answer(
             lambda s: s.uidl == "uidl-250",
         ),
         (MessageFilter(since=T0 + timedelta(days=3650)), lambda s: False),
+        # The window then reads only rows with (or without) attachments.
+        (
+            MessageFilter(subject_contains="needle", has_attachments=True),
+            lambda s: has(s.subject, "needle") and s.has_attachments,
+        ),
+        (
+            MessageFilter(to_contains="rare", has_attachments=False),
+            lambda s: any(has(t, "rare") for t in s.to) and not s.has_attachments,
+        ),
+        (
+            MessageFilter(text_contains="report 1", has_attachments=True),
+            lambda s: (
+                (has(s.subject, "report 1") or has(s.from_, "report 1")) and s.has_attachments
+            ),
+        ),
     ]
     for flt, keep in cases:
         assert await listed(flt) == expected(keep), flt
     assert await listed(MessageFilter(subject_contains="needle"), limit=2) == rare_uidls
     assert len(await listed(MessageFilter(text_contains="report"), limit=500)) == total - 3
+
+    # A small account (its window holds all its rows) is answered exactly from the window.
+    theirs_page = await store.messages.page(
+        other.id, MessageFilter(subject_contains="needle"), after=None, limit=50
+    )
+    assert [m.uidl for m in theirs_page.items] == ["uidl-5"]
 
     # Kept in step with deletes (the local delete and the account's).
     await store.messages.delete(account.id, batch[17].summary.id)

@@ -27,6 +27,7 @@ async def client(tmp_path: Path, dovecot: Any) -> AsyncIterator[AsyncTestClient[
         allowed_networks=LOOPBACK,
         ca_file=dovecot.ca_file,
         scheduler_interval_s=0.1,
+        poll_spread_s=0.0,  # a new polled account's first poll is due at once
     )
     async with AsyncTestClient(app=create_app(settings)) as test_client:
         test_client.headers["Authorization"] = f"Bearer {API_KEY}"

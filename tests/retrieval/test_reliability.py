@@ -189,12 +189,16 @@ class FlakyFinish:
         at: datetime,
         progress: RetrievalProgress,
         error: RetrievalError | None,
+        *,
+        next_poll_at: datetime | None = None,
     ) -> None:
         if FlakyFinish.failures > 0:
             FlakyFinish.failures -= 1
             FlakyFinish.refused.append(retrieval_id)
             raise StorageFullError("database or disk is full")
-        await self._inner.finish(retrieval_id, status, at, progress, error)
+        await self._inner.finish(
+            retrieval_id, status, at, progress, error, next_poll_at=next_poll_at
+        )
 
 
 @pytest.fixture

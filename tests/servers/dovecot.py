@@ -254,6 +254,7 @@ def _start(
     ssl: str,
     listen: str = "127.0.0.1",
     plaintext_auth: bool = True,
+    cert_names: tuple[str, ...] = (),
 ) -> Dovecot:
     binary = _dovecot_binary()
     vmail = ensure_vmail_user()
@@ -264,7 +265,7 @@ def _start(
     ca_file = directory / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     if ssl != "no":
-        cert = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        cert = ca.issue_cert("localhost", "127.0.0.1", "::1", *cert_names)
         cert.private_key_pem.write_to_path(str(directory / "key.pem"))
         cert.cert_chain_pems[0].write_to_path(str(directory / "cert.pem"))
         (directory / "key.pem").chmod(0o600)  # read by the master process, as root
@@ -308,8 +309,11 @@ def running_dovecot(
     ca: trustme.CA | None = None,
     listen: str = "127.0.0.1",
     plaintext_auth: bool = True,
+    cert_names: tuple[str, ...] = (),
 ) -> Iterator[Dovecot]:
     """Start Dovecot (``ssl``: ``yes``, ``required`` or ``no``) in a temporary directory.
+
+    ``cert_names``: more names the server certificate is valid for (autoconfig tests).
 
     ``listen`` takes Dovecot's syntax (``"127.0.0.1, 127.0.0.2"``); with
     ``plaintext_auth=False`` it refuses logins before TLS on connections it does not
@@ -324,7 +328,9 @@ def running_dovecot(
         attempts = 3  # a free port can be taken between probing and Dovecot's bind
         for attempt in range(attempts):
             try:
-                server = _start(directory, ca or trustme.CA(), ssl, listen, plaintext_auth)
+                server = _start(
+                    directory, ca or trustme.CA(), ssl, listen, plaintext_auth, cert_names
+                )
                 break
             except DovecotUnavailable:
                 if attempt == attempts - 1 or not (directory / "dovecot.conf").exists():

@@ -285,3 +285,93 @@ def postfix() -> Iterator[Postfix]:
         pytest.skip("the postfix binary is missing (scripts/test.sh installs the package postfix)")
     with running_postfix() as server:
         yield server
+
+
+# -- a Postfix that accepts mail and bounces it later (bounce tests) -----------------------
+
+#: Mail for this domain is accepted at RCPT, then fails in Postfix's queue: a pipe transport
+#: whose command exits 67 (EX_NOUSER), so Postfix returns a DSN (5.1.1) to the sender.
+BOUNCE_DOMAIN = "bounce.mailroom.test"
+BOUNCE_SCRIPT = """\
+#!/bin/sh
+echo "550 5.1.1 <$1>: Recipient address rejected: no such user here"
+exit 67
+"""
+
+
+@contextlib.contextmanager
+def running_bouncing_postfix(mail_base: Path, maildir: str) -> Iterator[Postfix]:
+    """A Postfix that delivers mail for :data:`POSTFIX_DOMAIN` (the DSNs it sends back
+    included) into ``mail_base/maildir/`` and bounces mail for :data:`BOUNCE_DOMAIN` after
+    accepting it. ``mail_base`` is typically a Dovecot's mail directory and ``maildir`` one
+    of its users, so the DSNs can be retrieved over POP3."""
+    binary = _postfix_binary()
+    if binary is None:
+        raise PostfixUnavailable("the postfix binary is missing: install the package postfix")
+    if os.geteuid() != 0:
+        raise PostfixUnavailable("Postfix instances need root to start")
+    if not re.fullmatch(_LOCAL_PART, maildir):
+        raise ValueError(f"maildir {maildir!r} does not match {_LOCAL_PART}")
+    attempts = 0
+    while True:
+        directory = Path(tempfile.mkdtemp(prefix="mailroom-postfix-bounce-"))
+        directory.chmod(0o755)
+        try:
+            server = _start_bouncing(directory, binary, mail_base, maildir)
+            break
+        except PostfixUnavailable:
+            _remove(directory)
+            attempts += 1
+            if attempts >= PORT_ATTEMPTS:
+                raise
+    try:
+        yield server
+    finally:
+        server.stop()
+        _remove(directory)
+
+
+def _start_bouncing(directory: Path, binary: str, mail_base: Path, maildir: str) -> Postfix:
+    try:
+        vmail = ensure_vmail_user()
+    except DovecotUnavailable as exc:
+        raise PostfixUnavailable(str(exc)) from exc
+    conf = directory / "conf"
+    for sub in ("conf", "queue", "data", "log"):
+        (directory / sub).mkdir(mode=0o755, exist_ok=True)
+    shutil.chown(directory / "data", "postfix")
+    domain = re.escape(POSTFIX_DOMAIN)
+    (conf / "vmailbox").write_text(f"/@{domain}$/ {maildir}/\n", encoding="utf-8")
+    (conf / "transport").write_text(f"{BOUNCE_DOMAIN} bouncer:\n", encoding="utf-8")
+    script = conf / "bouncer.sh"
+    script.write_text(BOUNCE_SCRIPT, encoding="utf-8")
+    script.chmod(0o755)
+    port = _free_port()
+    # The base configuration with the Maildirs elsewhere and a transport for the domain.
+    base = _main_cf(directory, vmail.pw_uid, vmail.pw_gid).splitlines(keepends=True)
+    main_cf = "".join(line for line in base if not line.startswith("virtual_mailbox_base")) + (
+        f"virtual_mailbox_base = {mail_base}\n"
+        f"transport_maps = texthash:{conf}/transport\n"
+        # One recipient per run of the command, so each gets its own diagnostic.
+        "bouncer_destination_recipient_limit = 1\n"
+    )
+    (conf / "main.cf").write_text(main_cf)
+    master_cf = _MASTER_CF.format(listen=f"127.0.0.1:{port}") + (
+        f"bouncer   unix  -       n       n       -       -       pipe\n"
+        f"  flags=q user=nobody argv={script} ${{recipient}}\n"
+    )
+    (conf / "master.cf").write_text(master_cf)
+    started = subprocess.run(
+        [binary, "-c", str(conf), "start"], capture_output=True, text=True, check=False
+    )
+    server = Postfix(directory, port, binary, vmail.pw_uid, vmail.pw_gid)
+    if started.returncode != 0:
+        server.stop()
+        raise PostfixUnavailable(f"postfix start failed:\n{started.stdout}{started.stderr}")
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not _greets(server.host, port):
+        if time.monotonic() > deadline:
+            server.stop()
+            raise PostfixUnavailable(f"Postfix did not answer on {port}:\n{server.log()}")
+        time.sleep(0.05)
+    return server

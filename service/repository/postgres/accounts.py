@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from service.domain.accounts import (
@@ -13,8 +13,10 @@ from service.domain.accounts import (
     SMTPPause,
 )
 from service.domain.enums import OutgoingStatus, Security
+from service.domain.time import utcnow
 from service.repository.pages import Page, page_of
 from service.repository.postgres.database import PgDatabase, Record, rowcount
+from service.repository.postgres.events import emit_account_pauses, smtp_pauses
 
 _NAMES = (
     "id", "tenant", "name", "email", "display_name", "in_host", "in_port", "in_security",
@@ -75,14 +77,26 @@ class PgAccountRepository:
         values = dict(zip(_NAMES, _params(account), strict=True))
         kept = [n for n in _NAMES[2:] if n not in _PAUSE_COLUMNS]
         assignments = [f"{n} = ${i}" for i, n in enumerate(kept, start=1)]
+        # A new poll interval (or none) drops the schedule: the scheduler sets it anew.
+        assignments.append(
+            f"next_poll_at = CASE WHEN poll_interval_minutes IS NOT DISTINCT FROM"
+            f" ${len(kept) + 1}::integer THEN next_poll_at END"
+        )
         if outgoing_changed:
             assignments += [f"{n} = NULL" for n in _PAUSE_COLUMNS]
-        where = len(kept) + 1
+        where = len(kept) + 2
         async with self._db.transaction() as conn:
+            ended = (
+                await smtp_pauses(conn, "id = $1 AND tenant = $2", account.id, account.tenant)
+                if outgoing_changed
+                else []
+            )
+            await emit_account_pauses(conn, ended, resumed=True, at=at or account.updated_at)
             await conn.execute(
                 f"UPDATE accounts SET {', '.join(assignments)}"
                 f" WHERE id = ${where} AND tenant = ${where + 1}",
                 *(values[n] for n in kept),
+                account.retrieval.poll_interval_minutes,
                 account.id,
                 account.tenant,
             )
@@ -116,6 +130,9 @@ class PgAccountRepository:
                 account_id,
                 settings_of,
             )
+            if rowcount(status) > 0:
+                paused = await smtp_pauses(conn, "id = $1", account_id)
+                await emit_account_pauses(conn, paused, resumed=False, at=pause.since)
             return rowcount(status) > 0
 
     async def clear_smtp_pauses(self, codes: Collection[str]) -> int:
@@ -123,6 +140,8 @@ class PgAccountRepository:
         if not codes:
             return 0
         async with self._db.transaction() as conn:
+            ended = await smtp_pauses(conn, "smtp_pause_code = ANY($1::text[])", list(codes))
+            await emit_account_pauses(conn, ended, resumed=True, at=utcnow())
             status = await conn.execute(
                 "UPDATE accounts SET smtp_pause_code = NULL, smtp_pause_detail = NULL,"
                 " smtp_paused_at = NULL WHERE smtp_pause_code = ANY($1::text[])",
@@ -136,6 +155,71 @@ class PgAccountRepository:
             await conn.execute(
                 "UPDATE accounts SET login_delay_s = $1 WHERE id = $2", seconds, account_id
             )
+
+    # The poll schedule (``next_poll_at``, migration 7) ------------------------------------
+
+    async def unscheduled(self, limit: int) -> list[Account]:
+        """Polled accounts with no next poll yet (new, or their interval changed)."""
+        rows = await self._db.fetch_all(
+            f"SELECT {_COLUMNS} FROM accounts"
+            " WHERE next_poll_at IS NULL AND poll_interval_minutes IS NOT NULL LIMIT $1",
+            limit,
+        )
+        return [_account(row) for row in rows]
+
+    async def schedule_polls(
+        self, polls: Sequence[tuple[str, datetime]], *, unscheduled_only: bool = False
+    ) -> None:
+        """Set when each account's next poll is due (only polled accounts; with
+        ``unscheduled_only`` only those that have none yet, so two replicas scheduling
+        the same new account agree on the first)."""
+        if not polls:
+            return
+        only = " AND a.next_poll_at IS NULL" if unscheduled_only else ""
+        async with self._db.transaction() as conn:
+            await conn.execute(
+                "UPDATE accounts a SET next_poll_at = p.at"
+                " FROM unnest($1::text[], $2::timestamptz[]) AS p (id, at)"
+                f" WHERE a.id = p.id AND a.poll_interval_minutes IS NOT NULL{only}",
+                [account_id for account_id, _ in polls],
+                [at for _, at in polls],
+            )
+
+    async def claim_due_polls(
+        self, now: datetime, lease_until: datetime, limit: int, *, skip_tenants: Collection[str]
+    ) -> list[tuple[Account, datetime]]:
+        """Take up to ``limit`` accounts whose poll is due, most overdue first, each with
+        its due time; their next poll moves to ``lease_until`` (the poll's end sets it).
+        ``SKIP LOCKED``: replicas claiming at once never take the same account, so a due
+        poll starts once among them."""
+        columns = ", ".join(f"a.{n}" for n in _NAMES)
+        rows = await self._db.fetch_all(
+            f"UPDATE accounts a SET next_poll_at = $2 FROM ("
+            " SELECT id, next_poll_at AS due FROM accounts"
+            " WHERE next_poll_at <= $1 AND NOT (tenant = ANY($4::text[]))"
+            " ORDER BY next_poll_at LIMIT $3 FOR UPDATE SKIP LOCKED) d"
+            f" WHERE a.id = d.id RETURNING {columns}, d.due",
+            now,
+            lease_until,
+            limit,
+            sorted(skip_tenants),
+        )
+        claimed = [(_account(row), row["due"]) for row in rows]
+        return sorted(claimed, key=lambda c: c[1])
+
+    async def next_poll_due(self) -> datetime | None:
+        """When the earliest scheduled poll is due (None: none is scheduled)."""
+        due: datetime | None = await self._db.fetch_value(
+            "SELECT min(next_poll_at) FROM accounts WHERE next_poll_at IS NOT NULL"
+        )
+        return due
+
+    async def next_poll_at(self, account_id: str) -> datetime | None:
+        """When the account's next scheduled poll is due."""
+        at: datetime | None = await self._db.fetch_value(
+            "SELECT next_poll_at FROM accounts WHERE id = $1", account_id
+        )
+        return at
 
 
 def _params(a: Account) -> tuple[object, ...]:

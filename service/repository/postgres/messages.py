@@ -19,14 +19,17 @@ from service.domain.retrievals import MessageFilter, MessageSummary, NewMessage,
 from service.repository.messages import (
     SCAN_WINDOW,
     SCAN_WINDOW_PER_ROW,
-    TRIGRAM,
     FilterColumn,
     KnownUidl,
     UidlComparison,
+    indexable,
+    json_text_has,
     substring_filters,
 )
 from service.repository.pages import Page, page_of
+from service.repository.postgres.bounces import mark_dsn_candidates
 from service.repository.postgres.database import PgDatabase, Record, rowcount
+from service.repository.postgres.events import emit_messages_received
 from service.repository.postgres.retrievals import update_progress
 
 _COLUMNS = (
@@ -41,6 +44,9 @@ _LIKE_SPECIAL = re.compile(r"[\\%_]")
 def _fold(sql: str) -> str:
     """ASCII-only lower case, as SQLite's ``lower()``: the same matches on both stores."""
     return f"translate({sql}, '{string.ascii_uppercase}', '{string.ascii_lowercase}')"
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
 
 
 class PgMessageRepository:
@@ -77,35 +83,50 @@ class PgMessageRepository:
         delete_stored: bool = False,
         delete_seen_until: datetime | None = None,
     ) -> UidlComparison:
-        """Compare the server's UIDL list with the known ones, in SQL: forget known UIDLs
-        the server no longer lists, and return only the new ones and the deletable ones.
+        """Compare the server's UIDL list with the known ones, in SQL, and return only the
+        new ones and the deletable ones (known UIDLs the server no longer lists are left
+        to :meth:`forget_unlisted`: they change neither answer).
 
         Deletable: stored (not skipped) and either ``delete_stored`` or seen at or before
         ``delete_seen_until``. The known UIDLs never come into Python.
         """
-        server = list(listed)
-        async with self._db.transaction() as conn:
-            # NOT EXISTS over unnest: a hash anti-join (``<> ALL`` would be quadratic).
-            await conn.execute(
-                "DELETE FROM server_messages s WHERE s.account_id = $1 AND NOT EXISTS"
-                " (SELECT 1 FROM unnest($2::text[]) AS l(uidl) WHERE l.uidl = s.uidl)",
-                account_id,
-                server,
-            )
-            rows = await conn.fetch(
-                "SELECT l.uidl, s.uidl IS NULL AS is_new FROM unnest($2::text[]) AS l(uidl)"
-                " LEFT JOIN server_messages s ON s.account_id = $1 AND s.uidl = l.uidl"
-                " WHERE s.uidl IS NULL"
-                " OR (s.state = $3 AND ($4 OR s.seen_at <= $5))",
-                account_id,
-                server,
-                ServerMessageState.STORED.value,
-                delete_stored,
-                delete_seen_until,
-            )
+        rows = await self._db.fetch_all(
+            "SELECT l.uidl, s.uidl IS NULL AS is_new FROM unnest($2::text[]) AS l(uidl)"
+            " LEFT JOIN server_messages s ON s.account_id = $1 AND s.uidl = l.uidl"
+            " WHERE s.uidl IS NULL"
+            " OR (s.state = $3 AND ($4 OR s.seen_at <= $5))",
+            account_id,
+            list(listed),
+            ServerMessageState.STORED.value,
+            delete_stored,
+            delete_seen_until,
+        )
         new = frozenset(str(row["uidl"]) for row in rows if row["is_new"])
         deletable = frozenset(str(row["uidl"]) for row in rows if not row["is_new"])
-        return UidlComparison(new=new, deletable=deletable)
+        known = await self._db.fetch_value(
+            "SELECT count(*) FROM server_messages WHERE account_id = $1", account_id
+        )
+        unlisted = int(known) - (len(set(listed)) - len(new))
+        return UidlComparison(new=new, deletable=deletable, unlisted=max(unlisted, 0))
+
+    async def forget_unlisted(
+        self, account_id: str, listed: Sequence[str], *, seen_before: datetime, limit: int
+    ) -> int:
+        """Forget the known UIDLs that are not in ``listed`` and were seen before
+        ``seen_before``; return how many. All in one statement, whatever ``limit``: rounds
+        would each read again the rows the previous ones deleted (dead until VACUUM), and
+        here a long delete holds up neither readers nor other writers."""
+        async with self._db.transaction() as conn:
+            # NOT EXISTS over unnest: a hash anti-join (``<> ALL`` would be quadratic).
+            status = await conn.execute(
+                "DELETE FROM server_messages s WHERE s.account_id = $1 AND s.seen_at < $3"
+                " AND NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS l(uidl)"
+                " WHERE l.uidl = s.uidl)",
+                account_id,
+                list(listed),
+                seen_before,
+            )
+            return rowcount(status)
 
     async def store_batch(
         self,
@@ -127,6 +148,8 @@ class PgMessageRepository:
                 "INSERT INTO message_bodies (message_id, raw) VALUES ($1, $2)",
                 [(m.summary.id, m.raw) for m in messages],
             )
+            # Possible DSNs, linked to what they report after the commit (bounces).
+            await mark_dsn_candidates(conn, messages)
             await conn.executemany(
                 "INSERT INTO server_messages (account_id, uidl, state, size, seen_at)"
                 " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (account_id, uidl) DO UPDATE"
@@ -143,6 +166,9 @@ class PgMessageRepository:
                 ],
             )
             await update_progress(conn, retrieval_id, progress)
+            await emit_messages_received(
+                conn, account_id, retrieval_id, [m.summary for m in messages]
+            )
 
     async def record_skipped(
         self, account_id: str, skipped: list[tuple[str, int]], at: datetime
@@ -168,57 +194,94 @@ class PgMessageRepository:
         trigram (or ``retrieved_at``) index find the few rows that match.
         """
         # Written with ``?`` and numbered per statement: each statement binds only what it uses.
-        where = ["m.account_id = ?", "m.id < ?"]
-        params: list[object] = [account_id, after or "~"]
+        # No account equality here: each statement below names the account its own way.
+        where = ["m.id < ?"]
+        params: list[object] = [after or "~"]
         if flt.since is not None:
             where.append("m.retrieved_at >= ?")
             params.append(flt.since)
-        narrow: list[str] = []  # what the trigram indexes answer: a superset of the matches
+        # What the trigram indexes answer (a superset of the matches): per filter, one
+        # indexed LIKE per column (a UNION, as an OR of three LIKEs may be planned as a
+        # scan of the table), and the filters' sets intersected.
+        narrow: list[str] = []
         narrow_params: list[object] = []
         for column, needle in substring_filters(flt):
             contains = {
-                FilterColumn.SUBJECT: f"strpos({_fold('m.subject')}, {_fold('?')}) > 0",
-                FilterColumn.FROM: f"strpos({_fold('m.from_addr')}, {_fold('?')}) > 0",
+                FilterColumn.SUBJECT: f"strpos({_fold('m.subject')}, ?) > 0",
+                FilterColumn.FROM: f"strpos({_fold('m.from_addr')}, ?) > 0",
                 FilterColumn.TO: "EXISTS (SELECT 1 FROM json_array_elements_text(m.to_json::json)"
-                f" t(v) WHERE strpos({_fold('t.v')}, {_fold('?')}) > 0)",
+                f" t(v) WHERE strpos({_fold('t.v')}, ?) > 0)",
             }
-            like = {c: f"lower({c.value}) LIKE lower(?)" for c in contains}
+            if json_text_has(needle):
+                # The list's text must hold it first: a cheap test that spares most rows
+                # the JSON parsing.
+                contains[FilterColumn.TO] = (
+                    f"(strpos({_fold('m.to_json')}, ?) > 0 AND {contains[FilterColumn.TO]})"
+                )
             pattern = "%" + _LIKE_SPECIAL.sub(r"\\\g<0>", needle) + "%"
             columns = list(contains) if column is FilterColumn.TEXT else [column]
             where.append("(" + " OR ".join(contains[c] for c in columns) + ")")
-            params.extend([needle] * len(columns))
-            if len(needle) >= TRIGRAM:
-                narrow.append("(" + " OR ".join(like[c] for c in columns) + ")")
+            # Folded once here, not per row.
+            params.extend(
+                [needle.translate(_ASCII_LOWER)] * sum(contains[c].count("?") for c in columns)
+            )
+            if indexable(column, needle):
+                narrow.append(
+                    "("
+                    + " UNION ".join(
+                        f"SELECT id FROM messages WHERE lower({c.value}) LIKE lower(?)"
+                        for c in columns
+                    )
+                    + ")"
+                )
                 narrow_params.extend([pattern] * len(columns))
         if flt.has_attachments is not None:
             where.append("m.has_attachments = ?")
             params.append(flt.has_attachments)
         condition = " AND ".join(where)
+        # The account's rows newest first, read along the (account, [has_attachments,] id)
+        # index. Spelled as a range and ordered by (account, id): asyncpg prepares
+        # statements, and a generic plan, blind to which account it is, would otherwise
+        # walk the primary key newest first over every account (seconds for a small
+        # account beside a big one).
+        scope = "m.account_id BETWEEN ? AND ? AND m.id < ?"
+        scope_params: list[object] = [account_id, account_id, after or "~"]
+        if flt.has_attachments is not None:
+            scope += " AND m.has_attachments = ?"
+            scope_params.append(flt.has_attachments)
+        newest = "ORDER BY m.account_id DESC, m.id DESC"
         if not narrow and flt.since is None:
             rows = await self._fetch(
-                f"SELECT {_M_COLUMNS} FROM messages m WHERE {condition} ORDER BY m.id DESC LIMIT ?",
-                [*params, limit + 1],
+                f"SELECT {_M_COLUMNS} FROM messages m WHERE {scope} AND {condition}"
+                f" {newest} LIMIT ?",
+                [*scope_params, *params, limit + 1],
             )
             return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
         window = max(SCAN_WINDOW, (limit + 1) * SCAN_WINDOW_PER_ROW)
+        # The window reads the newest rows that can match at all: with has_attachments
+        # given, through its (account, has_attachments, id) index.
         rows = await self._fetch(
-            f"SELECT {_M_COLUMNS} FROM (SELECT * FROM messages WHERE account_id = ? AND id < ?"
-            f" ORDER BY id DESC LIMIT ?) m WHERE {condition} ORDER BY m.id DESC LIMIT ?",
-            [account_id, after or "~", window, *params, limit + 1],
+            f"SELECT {_M_COLUMNS} FROM (SELECT * FROM messages m WHERE {scope} {newest}"
+            f" LIMIT ?) m WHERE {condition} {newest} LIMIT ?",
+            [*scope_params, window, *params, limit + 1],
         )
-        if len(rows) <= limit:
+        if len(rows) <= limit and await self._fetch(
+            # Only if the window did not already read every row in scope (a small account,
+            # or the last pages): the index would hand back other accounts' matches too.
+            f"SELECT 1 FROM messages m WHERE {scope} {newest} LIMIT 1 OFFSET ?",
+            [*scope_params, window],
+        ):
             if narrow:
-                candidates = f"SELECT id FROM messages WHERE {' AND '.join(narrow)}"
+                candidates = " INTERSECT ".join(f"SELECT id FROM {n} c" for n in narrow)
             else:
                 candidates = "SELECT id FROM messages WHERE account_id = ? AND retrieved_at >= ?"
                 narrow_params = [account_id, flt.since]
-            # Materialized: the planner must not fold the index's candidates back into a
-            # newest-first scan of the whole account.
+            # The candidates as an array, looked up by primary key: the planner must not
+            # fold them back into a newest-first scan (or a hash) of the whole account.
             rows = await self._fetch(
-                f"WITH c AS MATERIALIZED ({candidates}) SELECT {_M_COLUMNS} FROM c"
-                f" JOIN messages m ON m.id = c.id WHERE {condition}"
-                " ORDER BY m.id DESC LIMIT ?",
-                [*narrow_params, *params, limit + 1],
+                f"SELECT {_M_COLUMNS} FROM messages m WHERE m.id = ANY(ARRAY({candidates}))"
+                f" AND m.account_id = ? AND {condition} ORDER BY m.id DESC LIMIT ?",
+                [*narrow_params, account_id, *params, limit + 1],
             )
         return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
 

@@ -185,9 +185,122 @@ CREATE INDEX messages_retrieved ON messages (account_id, retrieved_at);
 CREATE INDEX messages_attachments ON messages (account_id, has_attachments, id)
 """
 
+V7_POLL_SCHEDULE = """
+-- The poll schedule kept per account (as on SQLite): when its next scheduled poll is due;
+-- NULL: polling off, or not scheduled yet. Replicas claim due accounts with SKIP LOCKED.
+ALTER TABLE accounts ADD COLUMN next_poll_at timestamptz;
+UPDATE accounts a SET next_poll_at = coalesce(r.finished_at, r.created_at)
+    + make_interval(secs => greatest(a.poll_interval_minutes * 60, coalesce(a.login_delay_s, 0)))
+FROM (
+    SELECT DISTINCT ON (account_id) account_id, created_at, finished_at
+    FROM retrievals ORDER BY account_id, created_at DESC, id DESC
+) r
+WHERE r.account_id = a.id AND a.poll_interval_minutes IS NOT NULL;
+CREATE INDEX accounts_next_poll ON accounts (next_poll_at) WHERE next_poll_at IS NOT NULL;
+CREATE INDEX accounts_unscheduled ON accounts (id)
+    WHERE next_poll_at IS NULL AND poll_interval_minutes IS NOT NULL
+"""
+
+V9_EVENTS = """
+-- Events (transactional outbox), written in the transaction of the change they report.
+-- Sequences are not commit-ordered, so the feed reads in (xid, position) order and serves
+-- only events whose transaction id is below the oldest one still running: every event
+-- that becomes visible later sorts after every event already served.
+CREATE TABLE events (
+    position bigserial PRIMARY KEY,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    id text COLLATE "C" NOT NULL UNIQUE,
+    type text NOT NULL,
+    tenant text NOT NULL,
+    account_id text COLLATE "C",
+    created_at timestamptz NOT NULL,
+    data text NOT NULL
+);
+CREATE INDEX events_tenant ON events (tenant, xid, position);
+CREATE INDEX events_created ON events (created_at);
+CREATE TABLE webhooks (
+    id text COLLATE "C" PRIMARY KEY,
+    tenant text NOT NULL,
+    url text NOT NULL,
+    description text,
+    events_json text NOT NULL,
+    account_ids_json text,
+    enabled boolean NOT NULL,
+    secret text NOT NULL,
+    previous_secret text,
+    previous_secret_until timestamptz,
+    disabled_reason text,
+    failing_since timestamptz,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+CREATE INDEX webhooks_tenant ON webhooks (tenant, id);
+CREATE TABLE webhook_deliveries (
+    id text COLLATE "C" PRIMARY KEY,
+    webhook_id text COLLATE "C" NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    event_id text COLLATE "C" NOT NULL,
+    status text NOT NULL,
+    attempt_count integer NOT NULL DEFAULT 0,
+    next_attempt_at timestamptz NOT NULL,
+    created_at timestamptz NOT NULL,
+    updated_at timestamptz NOT NULL,
+    claimed_by text,
+    lease_until timestamptz,
+    UNIQUE (webhook_id, event_id)
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (webhook_id, next_attempt_at)
+    WHERE status = 'pending';
+CREATE INDEX webhook_deliveries_created ON webhook_deliveries (created_at);
+CREATE TABLE webhook_attempts (
+    seq bigserial PRIMARY KEY,
+    webhook_id text COLLATE "C" NOT NULL REFERENCES webhooks (id) ON DELETE CASCADE,
+    delivery_id text COLLATE "C" NOT NULL,
+    event_id text COLLATE "C" NOT NULL,
+    event_type text NOT NULL,
+    attempt integer NOT NULL,
+    at timestamptz NOT NULL,
+    outcome text NOT NULL,
+    duration_ms integer NOT NULL,
+    response_status integer,
+    response_body text,
+    error text
+);
+CREATE INDEX webhook_attempts_webhook ON webhook_attempts (webhook_id, seq);
+CREATE INDEX webhook_attempts_at ON webhook_attempts (at)
+"""
+
+V10_BOUNCES = """
+-- Bounces (as on SQLite): bounce_of on a stored DSN, the DSN candidates not linked yet,
+-- the outgoing message found by Message-ID, and what a DSN reported per recipient.
+ALTER TABLE messages ADD COLUMN bounce_of text COLLATE "C"
+    REFERENCES outbox (id) ON DELETE SET NULL;
+CREATE INDEX messages_bounce_of ON messages (bounce_of) WHERE bounce_of IS NOT NULL;
+CREATE TABLE dsn_candidates (
+    message_id text COLLATE "C" PRIMARY KEY REFERENCES messages (id) ON DELETE CASCADE
+);
+CREATE INDEX outbox_message_id ON outbox (account_id, message_id);
+ALTER TABLE outbox_recipients ADD COLUMN bounce_status text,
+    ADD COLUMN bounce_diagnostic text, ADD COLUMN bounce_remote_mta text,
+    ADD COLUMN bounce_message text, ADD COLUMN bounced_at timestamptz
+"""
+
+V8_TRIGRAM_PENDING_LIST = """
+-- A GIN index keeps new entries in a pending list that every search reads in full until
+-- VACUUM (or the list's limit, 4 MB by default) merges it: after a burst of stored mail a
+-- rare filter took 10 ms per index on it. A 256 kB list keeps that bounded; inserts
+-- still go in batches.
+ALTER INDEX messages_subject_trgm SET (gin_pending_list_limit = 256);
+ALTER INDEX messages_from_trgm SET (gin_pending_list_limit = 256);
+ALTER INDEX messages_to_trgm SET (gin_pending_list_limit = 256)
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (5, V5_SCHEMA),
     (6, V6_MESSAGE_FILTERS),
+    (7, V7_POLL_SCHEDULE),
+    (8, V8_TRIGRAM_PENDING_LIST),
+    (9, V9_EVENTS),
+    (10, V10_BOUNCES),
 ]
 
 

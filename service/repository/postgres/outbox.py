@@ -42,7 +42,9 @@ from service.repository.outbox import (
     ExistingKey,
 )
 from service.repository.pages import Page
+from service.repository.postgres.bounces import with_bounces
 from service.repository.postgres.database import PgDatabase, Record, rowcount
+from service.repository.postgres.events import emit_outgoing_outcomes, emit_outgoing_states
 
 _COLUMNS = (
     "id, account_id, message_id, status, subject, size, idempotency_key, created_at,"
@@ -228,7 +230,8 @@ class PgOutboxRepository:
                     error_code=a["error_code"],
                 )
             )
-        return [_message(row, recipients[row["id"]], attempts[row["id"]]) for row in rows]
+        messages = [_message(row, recipients[row["id"]], attempts[row["id"]]) for row in rows]
+        return await with_bounces(self._db, messages)
 
     async def raw(self, account_id: str, outgoing_id: str) -> bytes | None:
         row = await self._db.fetch_one(
@@ -505,6 +508,7 @@ class PgOutboxRepository:
                     for r in o.recipients
                 ],
             )
+            await emit_outgoing_outcomes(conn, outcomes)
 
     async def release(self, outgoing_ids: Collection[str], at: datetime) -> None:
         """Give back claimed messages that were not attempted (due again at ``at``)."""
@@ -542,6 +546,7 @@ class PgOutboxRepository:
                     ids,
                     _OPEN_RECIPIENTS,
                 )
+                await emit_outgoing_states(conn, ids)
             return len(ids)
 
     async def note_hold(self, account_id: str, error: OutgoingError, at: datetime) -> None:

@@ -11,6 +11,7 @@ from service.domain.enums import RetrievalStatus, RetrievalTrigger
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
 from service.repository.pages import Page, page_of
 from service.repository.postgres.database import PgDatabase, Record, rowcount
+from service.repository.postgres.events import emit_retrieval_ended, emit_retrievals_ended
 from service.repository.retrievals import ACTIVE, INTERRUPTED_DETAIL, LatestRetrieval
 
 _COLUMNS = (
@@ -54,14 +55,14 @@ class PgRetrievalRepository:
                 if newer is not None:
                     return False
             await conn.execute(
-                "INSERT INTO retrievals"
-                " (id, account_id, trigger, status, created_at, owner, lease_until)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                "INSERT INTO retrievals (id, account_id, trigger, status, created_at,"
+                " started_at, owner, lease_until) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
                 r.id,
                 r.account_id,
                 r.trigger.value,
                 r.status.value,
                 r.created_at,
+                r.started_at,
                 owner,
                 lease_until,
             )
@@ -142,18 +143,37 @@ class PgRetrievalRepository:
         at: datetime,
         progress: RetrievalProgress,
         error: RetrievalError | None,
+        *,
+        next_poll_at: datetime | None = None,
     ) -> None:
+        """Record the end, progress included; ``next_poll_at``: when the account's next
+        scheduled poll is due (if it is still polled), in the same transaction."""
+        p = progress
         async with self._db.transaction() as conn:
-            await update_progress(conn, retrieval_id, progress)
             await conn.execute(
                 "UPDATE retrievals SET status = $1, finished_at = $2, error_code = $3,"
-                " error_detail = $4, lease_until = NULL WHERE id = $5",
+                " error_detail = $4, lease_until = NULL, messages_on_server = $5,"
+                " messages_downloaded = $6, bytes_downloaded = $7, messages_deleted = $8,"
+                " messages_skipped = $9 WHERE id = $10",
                 status.value,
                 at,
                 error.code if error else None,
                 error.detail if error else None,
+                p.messages_on_server,
+                p.messages_downloaded,
+                p.bytes_downloaded,
+                p.messages_deleted,
+                p.messages_skipped,
                 retrieval_id,
             )
+            await emit_retrieval_ended(conn, retrieval_id, status.value, at, progress, error)
+            if next_poll_at is not None:
+                await conn.execute(
+                    "UPDATE accounts SET next_poll_at = $1 WHERE poll_interval_minutes IS NOT"
+                    " NULL AND id = (SELECT account_id FROM retrievals WHERE id = $2)",
+                    next_poll_at,
+                    retrieval_id,
+                )
 
     async def renew(self, owner: str, retrieval_ids: Collection[str], lease_until: datetime) -> int:
         """Extend to ``lease_until`` the active retrievals ``owner`` still holds among
@@ -178,11 +198,11 @@ class PgRetrievalRepository:
         replica died or lost the database for longer than a lease); ``everything``: every
         active one but ``keep``. A row with no lease counts as expired."""
         async with self._db.transaction() as conn:
-            status = await conn.execute(
+            rows = await conn.fetch(
                 "UPDATE retrievals SET status = $1, finished_at = $2, error_code = $3,"
                 " error_detail = $4, lease_until = NULL"
                 " WHERE status = ANY($5) AND NOT (id = ANY($6))"
-                " AND ($7 OR lease_until IS NULL OR lease_until <= $2)",
+                " AND ($7 OR lease_until IS NULL OR lease_until <= $2) RETURNING id",
                 RetrievalStatus.FAILED.value,
                 now,
                 ErrorCode.INTERRUPTED.value,
@@ -191,7 +211,9 @@ class PgRetrievalRepository:
                 sorted(keep),
                 everything,
             )
-            return rowcount(status)
+            ended = [str(row[0]) for row in rows]
+            await emit_retrievals_ended(conn, ended)
+            return len(ended)
 
     async def claim_queued(
         self, queue: str, owner: str, lease_until: datetime, limit: int
