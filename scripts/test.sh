@@ -47,7 +47,7 @@ echo "== pytest"
 echo "== pytest, the app-level suites on PostgreSQL (MAILROOM_TEST_STORE=postgres)"
 MAILROOM_TEST_STORE=postgres .venv/bin/python -m pytest \
     tests/api tests/outbox tests/retrieval tests/hardening tests/verify \
-    tests/webhooks tests/bounces tests/autoconfig
+    tests/webhooks tests/bounces tests/autoconfig tests/oauth
 echo "== container image (Dockerfile built with buildah, run and checked)"
 if [ "$(id -u)" -eq 0 ]; then
     bash scripts/container_test.sh

@@ -73,6 +73,7 @@ from service.services.delivery_process import DeliveryProcess
 from service.services.events import EventFeed, EventPruner
 from service.services.leases import lease_length
 from service.services.messages import MessageService
+from service.services.oauth import OAuthTokens
 from service.services.presets import PresetCatalog
 from service.services.retrieval import RetrievalObserver, RetrievalService
 from service.services.scheduler import Scheduler
@@ -203,6 +204,13 @@ def create_app(settings: Settings) -> Litestar:
                 host_check=connector.check_account,
                 notifier=store.notifier,
                 presets=presets,
+                oauth=OAuthTokens(
+                    account_repo,
+                    cipher,
+                    connector_guard,
+                    ca_file=settings.ca_file,
+                    margin_s=settings.oauth_refresh_margin_s,
+                ),
             )
             # This process's id on the work it holds (claims and retrievals under a lease).
             owner = new_id("rep")
@@ -284,8 +292,10 @@ def create_app(settings: Settings) -> Litestar:
                     max_attachment_bytes=settings.max_attachment_bytes,
                     max_send_bytes=settings.max_send_bytes,
                     max_message_age_s=settings.max_message_age_s,
+                    send_at_horizon_s=settings.send_at_horizon_s,
                 ),
                 notifier=store.notifier,
+                messages=app.state.messages,
             )
             app.state.delivery = delivery
             runs_work = settings.role.runs_work

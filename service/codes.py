@@ -60,6 +60,10 @@ class ErrorCode(StrEnum):
     INVALID_BODY = "invalid_body"
     INVALID_MESSAGE_ID = "invalid_message_id"
     INVALID_DATE = "invalid_date"
+    FROM_NOT_ALLOWED = "from_not_allowed"
+    INVALID_METADATA = "invalid_metadata"
+    INVALID_TAG = "invalid_tag"
+    INVALID_SEND_AT = "invalid_send_at"
     EXPIRED = "expired"
     # Mail servers (POP3 and SMTP alike)
     HOST_UNRESOLVABLE = "host_unresolvable"
@@ -71,6 +75,7 @@ class ErrorCode(StrEnum):
     TLS_CERTIFICATE_INVALID = "tls_certificate_invalid"
     AUTH_FAILED = "auth_failed"
     AUTH_NOT_SUPPORTED = "auth_not_supported"
+    OAUTH_REFRESH_FAILED = "oauth_refresh_failed"
     INSECURE_AUTH_REFUSED = "insecure_auth_refused"
     MAILBOX_LOCKED = "mailbox_locked"
     PROTOCOL_ERROR = "protocol_error"
@@ -80,6 +85,7 @@ class ErrorCode(StrEnum):
     UPDATE_FAILED = "update_failed"
     INVALID_ARGUMENT = "invalid_argument"
     EXTENSION_NOT_SUPPORTED = "extension_not_supported"
+    SMTPUTF8_NOT_SUPPORTED = "smtputf8_not_supported"
     # SMTP replies
     REJECTED = "rejected"
     DEFERRED = "deferred"
@@ -135,6 +141,13 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_BODY: "422: NUL or unencodable characters in a body",
     ErrorCode.INVALID_MESSAGE_ID: "422: a Message-ID that is not `<left@right>`",
     ErrorCode.INVALID_DATE: "422: a date without a time zone",
+    ErrorCode.FROM_NOT_ALLOWED: "422: a raw message's From is missing, not one address, or"
+    " not the account's address",
+    ErrorCode.INVALID_METADATA: "422: `metadata` over its limits (keys, key or value length,"
+    " total size) or a key or value with forbidden characters",
+    ErrorCode.INVALID_TAG: "422: a tag with forbidden characters or length, or too many tags",
+    ErrorCode.INVALID_SEND_AT: "422: `send_at` without a time zone or beyond"
+    " `MAILROOM_SEND_AT_HORIZON`",
     ErrorCode.EXPIRED: "not delivered before the retry schedule or the message age ran out",
     ErrorCode.HOST_UNRESOLVABLE: "the server's host name does not resolve",
     ErrorCode.CONNECT_FAILED: "the TCP connection was refused or unreachable",
@@ -145,6 +158,7 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.TLS_CERTIFICATE_INVALID: "the server's certificate is untrusted or for another host",
     ErrorCode.AUTH_FAILED: "the server refused the user name or password",
     ErrorCode.AUTH_NOT_SUPPORTED: "the server offers no authentication method Mailroom can use",
+    ErrorCode.OAUTH_REFRESH_FAILED: "the OAuth2 provider refused to refresh the access token",
     ErrorCode.INSECURE_AUTH_REFUSED: "a password would travel without TLS; not sent",
     ErrorCode.MAILBOX_LOCKED: "the mailbox is in use by another session (temporary)",
     ErrorCode.PROTOCOL_ERROR: "the server broke the protocol",
@@ -154,6 +168,8 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.UPDATE_FAILED: "the POP3 server refused QUIT: deletions may not have happened",
     ErrorCode.INVALID_ARGUMENT: "a command argument was refused before it was sent",
     ErrorCode.EXTENSION_NOT_SUPPORTED: "the message needs an SMTP extension the server lacks",
+    ErrorCode.SMTPUTF8_NOT_SUPPORTED: "a non-ASCII address needs SMTPUTF8 and the server lacks"
+    " it (permanent; nothing sent)",
     ErrorCode.REJECTED: "the SMTP server refused with a 5xx reply (permanent)",
     ErrorCode.DEFERRED: "the SMTP server answered with a 4xx reply (tried again)",
     ErrorCode.RECIPIENTS_REFUSED: "recipients refused with 5xx; the others were sent",

@@ -136,6 +136,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     dns_servers: tuple[tuple[str, int], ...] = ()
     # More provider presets (the bundled file's shape); a name there replaces the bundled one.
     presets_file: str | None = None
+    # OAuth2: an access token with less than this many seconds left is refreshed first.
+    oauth_refresh_margin_s: float = 300.0
 
     # Events and webhooks
     event_retention_days: int = 7  # events older than this are pruned (the feed forgets)
@@ -173,6 +175,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_delays_s: tuple[float, ...] = (5, 30, 120, 300, 900, 1800, 3600, 7200, 14400, 28800)
     retry_jitter: float = 0.2  # +-20 % so retries to one server do not synchronize
     max_message_age_s: float = 5 * 24 * 3600
+    send_at_horizon_s: float = 30 * 24 * 3600  # how far ahead `send_at` may be
 
     @property
     def store_kind(self) -> StoreKind:
@@ -266,6 +269,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
             kwargs["poll_spread_s"] = _float("MAILROOM_POLL_SPREAD", value, 0.0)
         if (value := get("MAX_MESSAGE_AGE")) is not None:
             kwargs["max_message_age_s"] = _float("MAILROOM_MAX_MESSAGE_AGE", value, 1.0)
+        if (value := get("SEND_AT_HORIZON")) is not None:
+            kwargs["send_at_horizon_s"] = _float("MAILROOM_SEND_AT_HORIZON", value, 1.0)
         float_settings = {
             "RETRIEVAL_TIMEOUT": "retrieval_timeout_s",
             "SMTP_ATTEMPT_TIMEOUT": "smtp_attempt_timeout_s",
@@ -282,6 +287,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
                 kwargs[field] = _float(ENV_PREFIX + name, value, 0.1)
         if (value := get("EHLO_NAME")) is not None:
             kwargs["ehlo_name"] = parse_ehlo_name(value)
+        if (value := get("OAUTH_REFRESH_MARGIN")) is not None:
+            kwargs["oauth_refresh_margin_s"] = _float("MAILROOM_OAUTH_REFRESH_MARGIN", value, 0.0)
         if (value := get("AUTOCONFIG_TIMEOUT")) is not None:
             kwargs["autoconfig_timeout_s"] = _float("MAILROOM_AUTOCONFIG_TIMEOUT", value, 0.1)
         if (value := get("ISPDB_URL")) is not None:

@@ -64,6 +64,7 @@ from service.repository.errors import RepositoryError, SchemaTooNewError
 from service.repository.migrations import MIGRATIONS
 from service.repository.postgres.migrations import migrate as migrate_postgres
 from service.services.accounts import IN_PASSWORD, OUT_PASSWORD
+from service.services.oauth import GRANT_FIELDS
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -90,6 +91,14 @@ CREDENTIAL_COLUMNS = (
     ("accounts", "out_password", OUT_PASSWORD),
 )
 KEY_VARIABLE = "MAILROOM_SECRET_KEY"
+OAUTH_FIELDS = {"in_password": GRANT_FIELDS["in"], "out_password": GRANT_FIELDS["out"]}
+
+
+def _auth_column(src: sqlite3.Connection, table: str, column: str) -> str:
+    """The column saying how ``column`` is used (``in_auth``), or NULL before version 11."""
+    name = column.split("_", 1)[0] + "_auth"
+    present = {str(row[1]) for row in src.execute(f'PRAGMA table_info("{table}")')}
+    return f'"{name}"' if name in present else "NULL"
 
 
 class MigrationRefused(Exception):
@@ -330,10 +339,13 @@ class StoreMigration:
         key_ids: set[str] = set()
         stored: list[tuple[str, str, str]] = []
         for table, column, bound_field in CREDENTIAL_COLUMNS:
-            for row_id, value in src.execute(
-                f'SELECT id, "{column}" FROM "{table}" WHERE "{column}" IS NOT NULL'
+            for row_id, value, kind in src.execute(
+                f'SELECT id, "{column}", {_auth_column(src, table, column)} FROM "{table}"'
+                f' WHERE "{column}" IS NOT NULL'
             ):
-                stored.append((str(row_id), bound_field, str(value)))
+                # An OAuth2 side seals its grant under its own field (migration 11).
+                field_name = OAUTH_FIELDS[column] if kind == "oauth2" else bound_field
+                stored.append((str(row_id), field_name, str(value)))
                 parts = str(value).split(".", 2)
                 if len(parts) == 3:
                     key_ids.add(parts[1])

@@ -384,6 +384,9 @@ SEND_INPUT_CODES = (
     ErrorCode.TOO_MANY_RECIPIENTS,
     ErrorCode.INVALID_BASE64,
     ErrorCode.NO_BODY,
+    ErrorCode.INVALID_METADATA,
+    ErrorCode.INVALID_TAG,
+    ErrorCode.INVALID_SEND_AT,
 )
 
 INTERNAL_ERROR = {

@@ -196,6 +196,14 @@ class MessageController(Controller):
             ),
         ] = None,
         has_attachments: Annotated[bool | None, QueryParameter()] = None,
+        message_id: Annotated[
+            str | None,
+            QueryParameter(
+                max_length=1000,
+                description="Only messages with exactly this Message-ID (with its angle"
+                " brackets, e.g. `<abc@example.org>`)",
+            ),
+        ] = None,
     ) -> MessageSummaryList:
         flt = MessageFilter(
             since=parse_timestamp(since, "since"),
@@ -204,6 +212,7 @@ class MessageController(Controller):
             to_contains=to,
             text_contains=q,
             has_attachments=has_attachments,
+            message_id=message_id,
         )
         page = await messages.page(tenant, account_id, flt, after=after_of(cursor), limit=limit)
         return list_response(MessageSummaryList, page, lambda m: m)

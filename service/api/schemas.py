@@ -24,22 +24,31 @@ class ListResponse(msgspec.Struct, Generic[T], frozen=True):
     next_cursor: str | None
 
 
-class IncomingOut(msgspec.Struct, frozen=True):
+class IncomingOut(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``auth`` and ``token_expires_at`` are shown for OAuth2 only."""
+
     protocol: Literal["pop3"]
     host: str
     port: int
     security: Security
     username: str
     password_set: bool
+    # OAuth2 (the grant's secrets are write-only): when the access token held ends.
+    auth: Literal["password", "oauth2"] = "password"
+    token_expires_at: datetime | None = None
 
 
-class OutgoingOut(msgspec.Struct, frozen=True):
+class OutgoingOut(msgspec.Struct, frozen=True, omit_defaults=True):
+    """``auth`` and ``token_expires_at`` are shown for OAuth2 only."""
+
     host: str
     port: int
     security: Security
     username: str | None
     password_set: bool
     allow_insecure_auth: bool
+    auth: Literal["password", "oauth2"] = "password"
+    token_expires_at: datetime | None = None
 
 
 class RetrievalOut(msgspec.Struct, frozen=True):
@@ -52,7 +61,9 @@ class RetrievalOut(msgspec.Struct, frozen=True):
 class SMTPPauseOut(msgspec.Struct, frozen=True):
     """Why delivery for the account is paused: the SMTP server showed the outgoing settings
     are wrong (``code``: `auth_failed`, `tls_required`, `tls_certificate_invalid`,
-    `insecure_auth_refused`, `auth_not_supported`, `rejected` for a refused EHLO/HELO, ...).
+    `insecure_auth_refused`, `auth_not_supported`, `rejected` for a refused EHLO/HELO, ...;
+    `oauth_refresh_failed` when an OAuth2 provider refused a refresh, which stops retrievals
+    too and which a PATCH of the credentials of either side ends).
     Nothing is sent and waiting messages have no `next_attempt_at` until a PATCH of
     `outgoing` (even `{}`) resumes delivery at once."""
 
@@ -93,14 +104,25 @@ class AccountOut(msgspec.Struct, frozen=True):
             name=a.name,
             email=a.email,
             display_name=a.display_name,
-            incoming=IncomingOut("pop3", i.host, i.port, i.security, i.username, True),
+            incoming=IncomingOut(
+                "pop3",
+                i.host,
+                i.port,
+                i.security,
+                i.username,
+                i.auth == "password",
+                "oauth2" if i.auth == "oauth2" else "password",
+                i.token_expires_at,
+            ),
             outgoing=OutgoingOut(
                 o.host,
                 o.port,
                 o.security,
                 o.username,
-                o.password_encrypted is not None,
+                o.password_encrypted is not None and o.auth == "password",
                 o.allow_insecure_auth,
+                "oauth2" if o.auth == "oauth2" else "password",
+                o.token_expires_at,
             ),
             retrieval=RetrievalOut(
                 r.leave_on_server,

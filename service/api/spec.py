@@ -91,6 +91,8 @@ HEADERS: dict[str, dict[str, Any]] = {
 OPERATION_HEADERS: dict[tuple[str, str], tuple[str, ...]] = {
     ("SendMessage", "202"): (LOCATION,),
     ("SendMessage", "200"): (LOCATION, IDEMPOTENCY_REPLAYED),
+    ("SendRawMessage", "202"): (LOCATION,),
+    ("SendRawMessage", "200"): (LOCATION, IDEMPOTENCY_REPLAYED),
 }
 # Statuses whose problem `code` is narrowed to the codes the operation can answer: a
 # conflict's or a limit's code says which state blocked the request. Other statuses say it
@@ -123,10 +125,20 @@ LINKS: dict[str, dict[str, dict[str, Any]]] = {
             "ListRetrievals",
             "ListMessages",
             "SendMessage",
+            "SendRawMessage",
             "ListOutgoingMessages",
         )
     },
     "SendMessage": {
+        name: _link(
+            name,
+            f"{name} on the message just queued",
+            account_id="$request.path.account_id",
+            outgoing_id="$response.body#/id",
+        )
+        for name in ("GetOutgoingMessage", "GetRawOutgoingMessage", "CancelOutgoingMessage")
+    },
+    "SendRawMessage": {
         name: _link(
             name,
             f"{name} on the message just queued",

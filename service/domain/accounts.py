@@ -17,7 +17,10 @@ class IncomingServer(msgspec.Struct, frozen=True, kw_only=True):
     port: int
     security: Security
     username: str
+    # The sealed secret: the password, or with ``auth`` "oauth2" the sealed OAuth2 grant.
     password_encrypted: str
+    auth: str = "password"  # "password" or "oauth2"
+    token_expires_at: datetime | None = None  # oauth2: when the current access token ends
 
 
 class OutgoingServer(msgspec.Struct, frozen=True, kw_only=True):
@@ -27,6 +30,8 @@ class OutgoingServer(msgspec.Struct, frozen=True, kw_only=True):
     username: str | None = None
     password_encrypted: str | None = None
     allow_insecure_auth: bool = False
+    auth: str = "password"  # "password" or "oauth2" (then password_encrypted is the grant)
+    token_expires_at: datetime | None = None
 
 
 class RetrievalPolicy(msgspec.Struct, frozen=True, kw_only=True):

@@ -34,6 +34,8 @@ class ServerMessageState(StrEnum):
 
 
 class OutgoingStatus(StrEnum):
+    # Accepted with a `send_at` still ahead (stored as queued, not due before it).
+    SCHEDULED = "scheduled"
     QUEUED = "queued"
     SENDING = "sending"
     SENT = "sent"

@@ -112,8 +112,11 @@ def outgoing_outcome(
     error_detail: str | None,
     at: datetime,
     recipients: list[RecipientDetail],
+    metadata: dict[str, str] | None = None,
+    tags: list[str] | None = None,
 ) -> NewEvent | None:
-    """``outgoing.sent``/``deferred``/``failed`` for a message in that state now."""
+    """``outgoing.sent``/``deferred``/``failed`` for a message in that state now, with the
+    metadata and tags it was sent with."""
     type = _OUTGOING_TYPES.get(status)
     if type is None:
         return None
@@ -134,6 +137,8 @@ def outgoing_outcome(
                 error_code=None if sent else error_code,
                 error_detail=None if sent else error_detail,
                 recipients=recipients,
+                metadata=metadata or {},
+                tags=tags or [],
             )
         ),
     )

@@ -63,6 +63,8 @@ class OutgoingOutcome(msgspec.Struct, frozen=True, kw_only=True):
     error_code: str | None = None
     error_detail: str | None = None
     recipients: list[RecipientDetail]
+    metadata: dict[str, str] = {}  # as given when sent
+    tags: list[str] = []  # as given when sent
 
 
 class BouncedRecipient(msgspec.Struct, frozen=True, kw_only=True):

@@ -66,6 +66,30 @@ Password = Annotated[
         description="Write-only: never returned, stored encrypted",
     ),
 ]
+AuthKind = Literal["password", "oauth2"]
+TokenURL = Annotated[
+    str,
+    Meta(
+        min_length=9,
+        max_length=2048,
+        pattern=r"^https://[^\s]+" + END,
+        description="OAuth2 token endpoint (https) for the refresh-token grant",
+        examples=["https://oauth2.googleapis.com/token"],
+    ),
+]
+OAuthText = Annotated[str, Meta(min_length=1, max_length=MAX_PASSWORD, pattern=NO_CONTROLS)]
+OAuthSecret = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=8192,
+        pattern=NO_CONTROLS,
+        description="Write-only: never returned, stored encrypted",
+    ),
+]
+_OAUTH_FIELDS = (
+    "token_url", "client_id", "client_secret", "refresh_token", "scope", "access_token"
+)  # fmt: skip
 DeleteAfterDays = Annotated[int, Meta(ge=1, le=MAX_DELETE_AFTER_DAYS)]
 MessageCap = Annotated[
     int,
@@ -88,6 +112,38 @@ PresetName = Annotated[
 ]
 
 
+def check_auth(side: object, *, password_required: bool) -> None:
+    """Cross-field rules of ``auth`` (create bodies): a password, or an OAuth2 grant."""
+    auth = getattr(side, "auth")  # noqa: B009
+    given = [f for f in _OAUTH_FIELDS if getattr(side, f) is not None]
+    if auth == "password":
+        if given:
+            raise ValueError(f"`{given[0]}` needs `auth: oauth2`")
+        if password_required and getattr(side, "password") is None:  # noqa: B009
+            raise ValueError("`password` is required (or `auth: oauth2` with its tokens)")
+        return
+    if getattr(side, "password") is not None:  # noqa: B009
+        raise ValueError("`auth: oauth2` takes no `password`")
+    if getattr(side, "username") is None:  # noqa: B009
+        raise ValueError("`auth: oauth2` needs `username`")
+    check_grant(side)
+
+
+def check_grant(side: object) -> None:
+    """An OAuth2 grant: a refresh token with its endpoint and client, or an access token."""
+    refresh, access = getattr(side, "refresh_token"), getattr(side, "access_token")  # noqa: B009
+    if refresh is not None and access is not None:
+        raise ValueError(
+            "give `refresh_token` (Mailroom refreshes) or `access_token` (you refresh), not both"
+        )
+    if refresh is None and access is None:
+        raise ValueError("`auth: oauth2` needs `refresh_token` or `access_token`")
+    if refresh is not None:
+        for name in ("token_url", "client_id"):
+            if getattr(side, name) is None:
+                raise ValueError(f"`refresh_token` needs `{name}`")
+
+
 def check_host(host: str) -> None:
     """A DNS name (RFC 1123 labels) or an IP literal; raises ValueError otherwise."""
     try:
@@ -104,15 +160,23 @@ class IncomingInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     out is the preset's, else ``tls``."""
 
     username: Username
-    password: Password
+    password: Password | None = None
     host: Host | None = None
     protocol: Literal["pop3"] = "pop3"
     port: Port | None = None
     security: Security | None = None
+    auth: AuthKind = "password"
+    token_url: TokenURL | None = None
+    client_id: OAuthText | None = None
+    client_secret: OAuthSecret | None = None
+    refresh_token: OAuthSecret | None = None
+    scope: OAuthText | None = None
+    access_token: OAuthSecret | None = None
 
     def __post_init__(self) -> None:
         if self.host is not None:
             check_host(self.host)
+        check_auth(self, password_required=True)
 
 
 class OutgoingInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -125,11 +189,19 @@ class OutgoingInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     username: Username | None = None
     password: Password | None = None
     allow_insecure_auth: bool = False
+    auth: AuthKind = "password"
+    token_url: TokenURL | None = None
+    client_id: OAuthText | None = None
+    client_secret: OAuthSecret | None = None
+    refresh_token: OAuthSecret | None = None
+    scope: OAuthText | None = None
+    access_token: OAuthSecret | None = None
 
     def __post_init__(self) -> None:
         if self.host is not None:
             check_host(self.host)
-        if (self.username is None) != (self.password is None):
+        check_auth(self, password_required=False)
+        if self.auth == "password" and (self.username is None) != (self.password is None):
             raise ValueError("give both `username` and `password` for SMTP auth, or neither")
 
 
@@ -167,6 +239,13 @@ class IncomingPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     security: Security | UnsetType = UNSET
     username: Username | UnsetType = UNSET
     password: Password | UnsetType = UNSET
+    auth: AuthKind | UnsetType = UNSET
+    token_url: TokenURL | UnsetType = UNSET
+    client_id: OAuthText | UnsetType = UNSET
+    client_secret: OAuthSecret | UnsetType | None = UNSET
+    refresh_token: OAuthSecret | UnsetType = UNSET
+    scope: OAuthText | UnsetType | None = UNSET
+    access_token: OAuthSecret | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, UnsetType):
@@ -182,6 +261,13 @@ class OutgoingPatch(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     username: Username | UnsetType | None = UNSET
     password: Password | UnsetType | None = UNSET
     allow_insecure_auth: bool | UnsetType = UNSET
+    auth: AuthKind | UnsetType = UNSET
+    token_url: TokenURL | UnsetType = UNSET
+    client_id: OAuthText | UnsetType = UNSET
+    client_secret: OAuthSecret | UnsetType | None = UNSET
+    refresh_token: OAuthSecret | UnsetType = UNSET
+    scope: OAuthText | UnsetType | None = UNSET
+    access_token: OAuthSecret | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, UnsetType):

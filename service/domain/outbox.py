@@ -19,6 +19,7 @@ from msgspec import Meta
 from service.domain.enums import OutgoingStatus, RecipientKind, RecipientStatus
 from service.mail import addresses as mail_addresses
 from service.mail import headers as mail_headers
+from service.mail.compose import MAX_CONTENT_ID_CHARS
 from service.mail.compose import MAX_CONTENT_TYPE_CHARS as MAIL_CONTENT_TYPE_CHARS
 from service.mail.compose import MAX_FILENAME_CHARS as MAIL_FILENAME_CHARS
 
@@ -38,6 +39,20 @@ MAX_EXTRA_HEADERS = mail_headers.MAX_EXTRA_HEADERS
 MAX_HEADER_NAME_CHARS = mail_headers.MAX_HEADER_NAME_CHARS
 MAX_HEADER_VALUE_CHARS = mail_headers.MAX_HEADER_VALUE_CHARS
 MAX_IDEMPOTENCY_KEY_CHARS = 200
+# Metadata and tags: the limits the sending service applies (422 `invalid_metadata` and
+# `invalid_tag`); the decoder's bounds below are looser so that those codes answer.
+MAX_METADATA_KEYS = 20
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 500
+MAX_METADATA_BYTES = 4096  # keys and values together, UTF-8
+MAX_TAGS = 10
+MAX_TAG_CHARS = 64
+# Keys and tags: ASCII letters, digits and `_ . : -`, starting with a letter or digit
+# (so `?metadata[key]=` and `?tag=` need no escaping).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]*\Z")
+_LOOSE_COUNT = 1000
+_LOOSE_CHARS = 10_000
 # Standard base64 with its padding, nothing else: what `content_base64` must be.
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$(?!\n)"
 BASE64_RE = re.compile(BASE64_PATTERN)
@@ -51,7 +66,41 @@ AddressText = Annotated[
         examples=["bob@example.com"],
     ),
 ]
-AddressList = Annotated[list[AddressText], Meta(max_length=MAX_ADDRESSES_PER_FIELD)]
+MAX_DISPLAY_NAME_CHARS = mail_addresses.MAX_DISPLAY_NAME_CHARS
+# `"name" <address>`: quotes, space and brackets around the longest name and address.
+MAX_NAMED_ADDRESS_CHARS = MAX_ADDRESS_CHARS + MAX_DISPLAY_NAME_CHARS + 5
+RecipientText = Annotated[
+    str,
+    Meta(
+        max_length=MAX_NAMED_ADDRESS_CHARS,
+        description="A plain addr-spec (`local@domain`), or strictly one `Name <address>`"
+        ' (the name as words, or in double quotes without `"` or `\\` inside): no'
+        " comments, groups or lists (422 `invalid_address`)",
+        examples=["bob@example.com", "Bob Müller <bob@example.com>"],
+    ),
+]
+
+
+class NamedAddress(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """A recipient with a display name; non-ASCII names are sent as RFC 2047 words."""
+
+    address: AddressText
+    name: (
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_DISPLAY_NAME_CHARS,
+                description="Any text but line breaks, control characters (422"
+                " `header_injection`) and bidi controls (422 `invalid_display_name`)",
+                examples=["Bob Müller"],
+            ),
+        ]
+        | None
+    ) = None
+
+
+RecipientEntry = RecipientText | NamedAddress
+AddressList = Annotated[list[RecipientEntry], Meta(max_length=MAX_ADDRESSES_PER_FIELD)]
 
 
 class AttachmentInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -76,6 +125,58 @@ class AttachmentInput(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             extra_json_schema={"extra": {"pattern": BASE64_PATTERN}},
         ),
     ]
+    content_id: (
+        Annotated[
+            str,
+            Meta(
+                min_length=1,
+                max_length=MAX_CONTENT_ID_CHARS,
+                description="Makes it an inline part (an image the html shows with"
+                ' `<img src="cid:CONTENT_ID">`): sent with the html in multipart/related.'
+                " Dot-atoms, optionally `left@right`, without angle brackets; needs `html` (422"
+                " `invalid_attachment`)",
+                examples=["logo@example.com"],
+            ),
+        ]
+        | None
+    ) = None
+
+
+MetadataInput = Annotated[
+    dict[
+        Annotated[str, Meta(max_length=_LOOSE_CHARS)],
+        Annotated[str, Meta(max_length=_LOOSE_CHARS)],
+    ],
+    Meta(
+        max_length=_LOOSE_COUNT,
+        description=f"Your own string map, returned with the message, filterable"
+        f" (`?metadata[key]=value`) and carried in its events: at most {MAX_METADATA_KEYS}"
+        f" keys of 1-{MAX_METADATA_KEY_CHARS} characters (letters, digits, `_ . : -`),"
+        f" values of at most {MAX_METADATA_VALUE_CHARS} characters without control"
+        f" characters, {MAX_METADATA_BYTES} bytes in all (422 `invalid_metadata`)",
+        examples=[{"order_id": "A-1042"}],
+    ),
+]
+TagsInput = Annotated[
+    list[Annotated[str, Meta(max_length=_LOOSE_CHARS)]],
+    Meta(
+        max_length=_LOOSE_COUNT,
+        description=f"Labels, returned with the message, filterable (`?tag=`) and carried"
+        f" in its events: at most {MAX_TAGS}, each once, 1-{MAX_TAG_CHARS} characters"
+        " (letters, digits, `_ . : -`; 422 `invalid_tag`)",
+        examples=[["receipt"]],
+    ),
+]
+SendAtInput = Annotated[
+    datetime | None,
+    Meta(
+        description="Deliver at this time (RFC 3339 with an offset), at most"
+        " `MAILROOM_SEND_AT_HORIZON` ahead (422 `invalid_send_at`): the message is"
+        " `scheduled` until then and can be cancelled. A time already past sends now;"
+        " `MAILROOM_MAX_MESSAGE_AGE` counts from it",
+        examples=["2026-12-24T09:00:00+01:00"],
+    ),
+]
 
 
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -83,26 +184,50 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
     # Each group needs one field given: a non-empty list (422 `no_recipients`) or a body that
     # is not null (422 `no_body`). The OpenAPI schema states them (service.api.requests).
-    at_least_one_of: ClassVar[tuple[tuple[str, ...], ...]] = (("to", "cc", "bcc"), ("text", "html"))
+    at_least_one_of: ClassVar[tuple[tuple[str, ...], ...]] = (
+        ("to", "cc", "bcc", "reply_to_message"),
+        ("text", "html"),
+    )
 
     to: AddressList = msgspec.field(default_factory=list)
     cc: AddressList = msgspec.field(default_factory=list)
     bcc: Annotated[
-        list[AddressText],
+        list[RecipientEntry],
         Meta(
             max_length=MAX_ADDRESSES_PER_FIELD,
             description="Envelope-only recipients: never written in a header",
         ),
     ] = msgspec.field(default_factory=list)
-    reply_to: AddressText | None = None
-    subject: Annotated[
-        str,
+    reply_to: RecipientEntry | None = None
+    subject: (
+        Annotated[
+            str,
+            Meta(
+                max_length=MAX_SUBJECT_CHARS,
+                description="No CR, LF, control characters or line separators (422"
+                " `header_injection`, never stripped); may be empty. Required, except with"
+                " `reply_to_message` (default: `Re: ` and the original's subject)",
+            ),
+        ]
+        | None
+    ) = None
+    reply_to_message: Annotated[
+        str | None,
         Meta(
-            max_length=MAX_SUBJECT_CHARS,
-            description="No CR, LF, control characters or line separators (422"
-            " `header_injection`, never stripped); may be empty",
+            description="A stored message (`msg_...`) of this account to answer: sets"
+            " `In-Reply-To` and `References` from it, the subject (`Re: ...`) unless given,"
+            " and, when `to`, `cc` and `bcc` are all empty, `to` from its `Reply-To` (else"
+            " `From`); 404 `not_found` when there is no such message",
+            examples=["msg_01h..."],
         ),
-    ]
+    ] = None
+    reply_all: Annotated[
+        bool,
+        Meta(
+            description="With `reply_to_message`: also the original's other `To` and `Cc`"
+            " recipients (in `cc`), leaving out this account's own address"
+        ),
+    ] = False
     text: str | None = None
     html: str | None = None
     attachments: Annotated[list[AttachmentInput], Meta(max_length=MAX_ATTACHMENTS)] = msgspec.field(
@@ -123,9 +248,39 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         ),
     ] = msgspec.field(default_factory=dict)
 
+    metadata: MetadataInput = msgspec.field(default_factory=dict)
+    tags: TagsInput = msgspec.field(default_factory=list)
+    send_at: SendAtInput = None
+
     @property
     def recipient_count(self) -> int:
         return len(self.to) + len(self.cc) + len(self.bcc)
+
+
+class RawSendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Body of SendRawMessage as JSON: a complete message in base64, with options."""
+
+    raw_base64: Annotated[
+        str,
+        Meta(
+            description="The whole RFC 5322 message (headers and body), standard base64,"
+            " padded (422 `invalid_base64`)",
+            extra_json_schema={"extra": {"pattern": BASE64_PATTERN}},
+        ),
+    ]
+    recipients: (
+        Annotated[
+            list[AddressText],
+            Meta(
+                description="The envelope recipients; default: every To, Cc and Bcc address",
+                max_length=MAX_ADDRESSES_PER_FIELD,
+            ),
+        ]
+        | None
+    ) = None
+    metadata: MetadataInput = msgspec.field(default_factory=dict)
+    tags: TagsInput = msgspec.field(default_factory=list)
+    send_at: SendAtInput = None
 
 
 class AttemptOutcome(StrEnum):
@@ -218,6 +373,16 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
             " notifications about this message (their `bounce_of` is this message's id)"
         ),
     ] = msgspec.field(default_factory=list)
+    metadata: Annotated[dict[str, str], Meta(description="As given when sent")] = msgspec.field(
+        default_factory=dict
+    )
+    tags: Annotated[list[str], Meta(description="As given when sent")] = msgspec.field(
+        default_factory=list
+    )
+    send_at: Annotated[
+        datetime | None,
+        Meta(description="When delivery was asked to start (`send_at` of the request, UTC)"),
+    ] = None
 
 
 class NewRecipient(msgspec.Struct, frozen=True):
@@ -240,6 +405,14 @@ class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
     request_hash: str | None
     created_at: datetime
     expires_at: datetime
+    metadata: dict[str, str] = msgspec.field(default_factory=dict)
+    tags: list[str] = msgspec.field(default_factory=list)
+    send_at: datetime | None = None  # only when later than created_at
+
+    @property
+    def due_at(self) -> datetime:
+        """When delivery may first take it."""
+        return self.send_at or self.created_at
 
     def as_message(self) -> OutgoingMessage:
         """The message as it stands right after acceptance."""
@@ -247,12 +420,12 @@ class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
             id=self.id,
             account_id=self.account_id,
             message_id=self.message_id,
-            status=OutgoingStatus.QUEUED,
+            status=OutgoingStatus.SCHEDULED if self.send_at else OutgoingStatus.QUEUED,
             subject=self.subject,
             size=len(self.raw),
             created_at=self.created_at,
             updated_at=self.created_at,
-            next_attempt_at=self.created_at,
+            next_attempt_at=self.due_at,
             sent_at=None,
             expires_at=self.expires_at,
             attempt_count=0,
@@ -263,7 +436,24 @@ class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
             ],
             attempts=[],
             error=None,
+            metadata=self.metadata,
+            tags=self.tags,
+            send_at=self.send_at,
         )
+
+
+class OutboxFilter(msgspec.Struct, frozen=True, kw_only=True):
+    """More conditions on a page of the outbox than its stored status (all must hold).
+
+    ``scheduled``: True keeps only messages whose ``send_at`` is after ``now`` (a queued
+    one is shown as ``scheduled``), False only those without or with one reached.
+    ``tags``: each is among the message's tags; ``metadata``: each key has that value.
+    """
+
+    scheduled: bool | None = None
+    now: datetime | None = None
+    tags: tuple[str, ...] = ()
+    metadata: tuple[tuple[str, str], ...] = ()
 
 
 class ClaimedRecipient(msgspec.Struct, frozen=True):

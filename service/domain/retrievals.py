@@ -84,3 +84,4 @@ class MessageFilter(msgspec.Struct, frozen=True, kw_only=True):
     to_contains: str | None = None
     text_contains: str | None = None
     has_attachments: bool | None = None
+    message_id: str | None = None  # exactly this Message-ID (with its angle brackets)

@@ -28,6 +28,7 @@ from service.mail.compose import (
     Attachment,
     ComposedMessage,
     Draft,
+    Mailbox,
     compose,
     make_message_id,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "Draft",
     "MailErrorCode",
     "MailInputError",
+    "Mailbox",
     "compose",
     "is_protected_header",
     "make_message_id",

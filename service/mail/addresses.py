@@ -181,6 +181,51 @@ def parse_address(value: str, *, field: str = "address") -> Address:
     return address
 
 
+# Specials that may not appear in an unquoted display name of the ``Name <addr>`` form
+# (``.`` is allowed, as RFC 5322's obsolete phrase syntax and every mail client do).
+_NAME_SPECIALS = frozenset('()<>[]:;@\\,"')
+
+
+def parse_mailbox(value: str, *, field: str = "address") -> tuple[Address, str | None]:
+    """Validate one recipient given as text: a plain addr-spec, or strictly ``Name <addr>``.
+
+    The name form is one display name, one space, then the address in angle brackets,
+    nothing after it. The name is either words (no RFC 5322 specials but ``.``) separated
+    by single spaces, or one double-quoted string without ``"`` or ``\\`` inside (no
+    escapes). ``<addr>`` alone is the address without a name. Anything else, comments,
+    groups, several addresses, is refused with the reason.
+
+    :raises MailInputError: ``invalid_address``, or the display name's own codes
+        (``header_injection``, ``invalid_display_name``, ``too_long``).
+    """
+    if isinstance(value, str) and "<" in value and not value.endswith(">"):
+        raise _fail(field, "write `Name <address>` with nothing after the >, or the bare address")
+    if not isinstance(value, str) or not value.endswith(">") or "<" not in value:
+        return parse_address(value, field=field), None
+    head, _, inner = value[:-1].rpartition("<")
+    address = parse_address(inner, field=field)
+    if not head:
+        return address, None
+    if not head.endswith(" ") or head.endswith("  "):
+        raise _fail(field, "write a name, one space, then <address>")
+    name = validate_display_name(head[:-1], field=field)
+    if len(name) >= 2 and name.startswith('"') and name.endswith('"'):
+        name = name[1:-1]
+        if '"' in name or "\\" in name:
+            raise _fail(field, 'a quoted name cannot contain " or \\ (no escapes)')
+    else:
+        for char in name:
+            if char in _NAME_SPECIALS:
+                raise _fail(
+                    field,
+                    f"{describe_char(char)} in a name: put the name in double quotes,"
+                    ' or give {"address", "name"}',
+                )
+        if name != name.strip() or "  " in name:
+            raise _fail(field, "a name has no leading, trailing or doubled spaces")
+    return address, (name or None)
+
+
 def normalize_address(value: str, *, field: str = "address") -> tuple[str, bool]:
     """``(normalized addr-spec, needs SMTPUTF8)`` for one address; see :func:`parse_address`."""
     address = parse_address(value, field=field)

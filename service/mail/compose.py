@@ -35,6 +35,7 @@ from service.mail.addresses import (
     Address,
     normalize_domain,
     parse_address,
+    parse_mailbox,
     validate_display_name,
 )
 from service.mail.errors import MailErrorCode, MailInputError
@@ -72,6 +73,10 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # RFC 5322 phrase of atoms separated by single spaces: a display name needing no quotes.
 _PLAIN_PHRASE = re.compile(rf"{_ATEXT}(?: {_ATEXT})*\Z")
 _MESSAGE_ID = re.compile(rf"<{_ATEXT}(?:\.{_ATEXT})*@{_ATEXT}(?:\.{_ATEXT})*>\Z")
+# A Content-ID without its angle brackets: dot-atoms, optionally ``left@right`` (what
+# mail clients write; ``cid:`` URLs name it so).
+_CONTENT_ID = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*(?:@{_ATEXT}(?:\.{_ATEXT})*)?\Z")
+MAX_CONTENT_ID_CHARS = 200
 # RFC 6838 restricted-name: letters, digits and ! # $ & - ^ _ . + (first a letter/digit).
 _MIME_NAME = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
 _CONTENT_TYPE = re.compile(rf"({_MIME_NAME})/({_MIME_NAME})\Z")
@@ -81,30 +86,48 @@ _STRUCTURAL_MAINTYPES = frozenset({"multipart", "message"})
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """One file to attach: its name, MIME type (``type/subtype``) and content."""
+    """One file to attach: its name, MIME type (``type/subtype``) and content.
+
+    With ``content_id`` it is an inline part (an image the HTML shows with
+    ``src="cid:CONTENT_ID"``): it goes with the HTML body into ``multipart/related``.
+    """
 
     filename: str
     content_type: str
     data: bytes
+    content_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Mailbox:
+    """A recipient with a display name (``name`` None or empty: none)."""
+
+    address: str
+    name: str | None = None
+
+
+Recipient = str | Mailbox
+"""A recipient as given: a plain addr-spec, the strict ``Name <addr>`` text, or a Mailbox."""
 
 
 @dataclass(frozen=True, slots=True)
 class Draft:
     """What a caller asked to send, before validation.
 
-    Addresses are plain addr-specs; ``from_name`` is the sender's display name. The
+    Recipients are plain addr-specs, ``Name <addr>`` texts or :class:`Mailbox` values;
+    ``from_name`` is the sender's display name. The
     Message-ID (``<left@right>``) and the timezone-aware Date are fixed by the caller.
     """
 
     from_address: str
-    to: Sequence[str]
+    to: Sequence[Recipient]
     subject: str
     message_id: str
     date: datetime
     from_name: str | None = None
-    cc: Sequence[str] = ()
-    bcc: Sequence[str] = ()
-    reply_to: str | None = None
+    cc: Sequence[Recipient] = ()
+    bcc: Sequence[Recipient] = ()
+    reply_to: Recipient | None = None
     text: str | None = None
     html: str | None = None
     attachments: Sequence[Attachment] = ()
@@ -163,7 +186,7 @@ def _compose(draft: Draft, *, allow_simple: bool) -> ComposedMessage:
         raise MailInputError(
             "to", "at least one recipient is required", MailErrorCode.NO_RECIPIENTS
         )
-    reply_to = parse_address(draft.reply_to, field="reply_to") if draft.reply_to else None
+    reply_to = _parse_entry(draft.reply_to, "reply_to") if draft.reply_to else None
     subject = validate_subject(draft.subject)
     message_id = _validate_message_id(draft.message_id)
     date = _format_date(draft.date)
@@ -173,21 +196,22 @@ def _compose(draft: Draft, *, allow_simple: bool) -> ComposedMessage:
     attachments = [
         _attachment(item, f"attachments[{i}]") for i, item in enumerate(draft.attachments)
     ]
+    _check_inline(attachments, html)
 
-    header_addresses = [sender, *to, *cc, *([reply_to] if reply_to else [])]
+    header_addresses = [sender, *(a for a, _ in (*to, *cc, *([reply_to] if reply_to else [])))]
     # Bcc addresses never reach a header, so only the envelope needs them to be ASCII.
-    smtputf8 = any(address.smtputf8 for address in (*header_addresses, *bcc))
+    smtputf8 = any(address.smtputf8 for address in (*header_addresses, *(a for a, _ in bcc)))
     policy = _POLICY_UTF8 if any(a.smtputf8 for a in header_addresses) else _POLICY_ASCII
 
     message = EmailMessage(policy=policy)
     _set_text(message, "Date", date)
     _set_addresses(message, "From", [(sender, from_name)])
     if reply_to is not None:
-        _set_addresses(message, "Reply-To", [(reply_to, None)])
+        _set_addresses(message, "Reply-To", [reply_to])
     if to:
-        _set_addresses(message, "To", [(a, None) for a in to])
+        _set_addresses(message, "To", to)
     if cc:
-        _set_addresses(message, "Cc", [(a, None) for a in cc])
+        _set_addresses(message, "Cc", cc)
     _set_text(message, "Subject", subject)
     _set_text(message, "Message-ID", message_id)
     for name, value in extra_headers:
@@ -213,9 +237,9 @@ def _compose(draft: Draft, *, allow_simple: bool) -> ComposedMessage:
         recipients=_envelope(to, cc, bcc),
         smtputf8=smtputf8,
         message_id=message_id,
-        to=tuple(a.addr_spec for a in to),
-        cc=tuple(a.addr_spec for a in cc),
-        bcc=tuple(a.addr_spec for a in bcc),
+        to=tuple(a.addr_spec for a, _ in to),
+        cc=tuple(a.addr_spec for a, _ in cc),
+        bcc=tuple(a.addr_spec for a, _ in bcc),
     )
 
 
@@ -225,20 +249,31 @@ def _optional_name(value: str | None, field_name: str) -> str | None:
     return validate_display_name(value, field=field_name)
 
 
-def _parse_list(values: Sequence[str], field_name: str) -> list[Address]:
+Named = tuple[Address, str | None]
+
+
+def _parse_entry(value: Recipient, field_name: str) -> Named:
+    """One recipient: a Mailbox (its name validated) or text (see ``parse_mailbox``)."""
+    if isinstance(value, Mailbox):
+        address = parse_address(value.address, field=f"{field_name}.address")
+        return address, _optional_name(value.name, f"{field_name}.name")
+    return parse_mailbox(value, field=field_name)
+
+
+def _parse_list(values: Sequence[Recipient], field_name: str) -> list[Named]:
     if isinstance(values, str):
         # A bare string is a sequence of characters; refuse rather than split it.
         raise MailInputError(
             field_name, "must be a list of addresses", MailErrorCode.INVALID_ADDRESS
         )
-    return [parse_address(value, field=f"{field_name}[{i}]") for i, value in enumerate(values)]
+    return [_parse_entry(value, f"{field_name}[{i}]") for i, value in enumerate(values)]
 
 
-def _envelope(*groups: Sequence[Address]) -> tuple[str, ...]:
+def _envelope(*groups: Sequence[Named]) -> tuple[str, ...]:
     """Envelope recipients in order, each normalized address once."""
     seen: dict[str, None] = {}
     for group in groups:
-        for address in group:
+        for address, _ in group:
             seen.setdefault(address.addr_spec, None)
     return tuple(seen)
 
@@ -369,7 +404,41 @@ def _attachment(item: Attachment, field_name: str) -> Attachment:
             f"{match.group(1)}/* cannot be attached as a file",
             MailErrorCode.INVALID_ATTACHMENT,
         )
-    return Attachment(filename=filename, content_type=content_type, data=item.data)
+    if item.content_id is not None:
+        _content_id(item.content_id, f"{field_name}.content_id")
+    return Attachment(
+        filename=filename, content_type=content_type, data=item.data, content_id=item.content_id
+    )
+
+
+def _content_id(value: str, field_name: str) -> None:
+    if len(value) > MAX_CONTENT_ID_CHARS or not _CONTENT_ID.match(value):
+        raise MailInputError(
+            field_name,
+            f"must be 1-{MAX_CONTENT_ID_CHARS} characters of dot-atoms, optionally"
+            " left@right, without angle brackets (the HTML refers to it as cid:...)",
+            MailErrorCode.INVALID_ATTACHMENT,
+        )
+
+
+def _check_inline(attachments: list[Attachment], html: str | None) -> None:
+    """Inline parts need an HTML body to show them, and distinct Content-IDs."""
+    seen: set[str] = set()
+    for index, item in enumerate(attachments):
+        if item.content_id is None:
+            continue
+        field_name = f"attachments[{index}].content_id"
+        if html is None:
+            raise MailInputError(
+                field_name,
+                "an inline part (content_id) needs an html body that shows it",
+                MailErrorCode.INVALID_ATTACHMENT,
+            )
+        if item.content_id in seen:
+            raise MailInputError(
+                field_name, "two attachments have this content_id", MailErrorCode.INVALID_ATTACHMENT
+            )
+        seen.add(item.content_id)
 
 
 def _set_body(
@@ -383,7 +452,26 @@ def _set_body(
         message.set_content(html, subtype="html")
     elif not attachments:
         message.set_content("")
+    inline = [item for item in attachments if item.content_id is not None]
+    if inline:
+        # The HTML and the parts it shows: multipart/related (RFC 2387), in place of the
+        # html part (inside multipart/alternative when there is text too).
+        html_part = message.get_body(preferencelist=("html",))
+        assert isinstance(html_part, EmailMessage)  # _check_inline: html is given
+        for item in inline:
+            maintype, _, subtype = item.content_type.partition("/")
+            html_part.add_related(
+                item.data,
+                maintype=maintype,
+                subtype=subtype,
+                cid=f"<{item.content_id}>",
+                disposition="inline",
+                filename=item.filename,
+                cte="base64",
+            )
     for item in attachments:
+        if item.content_id is not None:
+            continue
         maintype, _, subtype = item.content_type.partition("/")
         message.add_attachment(
             item.data, maintype=maintype, subtype=subtype, filename=item.filename, cte="base64"

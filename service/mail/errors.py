@@ -32,6 +32,7 @@ class MailErrorCode(StrEnum):
     INVALID_BODY = "invalid_body"  # NUL or unencodable characters in text/html
     INVALID_MESSAGE_ID = "invalid_message_id"  # not ``<left@right>``
     INVALID_DATE = "invalid_date"  # naive datetime
+    FROM_NOT_ALLOWED = "from_not_allowed"  # a raw message's From is not the account's
 
 
 class MailInputError(ValueError):

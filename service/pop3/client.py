@@ -43,6 +43,7 @@ from types import TracebackType
 from typing import Self, cast
 
 from service.domain.enums import Security
+from service.sasl import oauthbearer_response, xoauth2_response
 from service.tls import client_context
 
 from .commands import MAX_CREDENTIAL_LENGTH, Command, check_text
@@ -54,6 +55,7 @@ from .connection import (
     State,
 )
 from .errors import (
+    AuthNotSupported,
     CommandRejected,
     InvalidArgument,
     LocalProtocolError,
@@ -105,6 +107,8 @@ LIST_SIZE_FACTOR = 2
 LIST_SIZE_SLACK = 64 * 1024
 #: RFC 5034: an AUTH command with its initial response must fit in 255 octets.
 MAX_AUTH_LINE = 255
+#: Longest OAuth2 access token accepted (providers' tokens run to a few kilobytes).
+MAX_TOKEN_LENGTH = 8192
 #: Default window over which ``min_rate`` is measured (seconds spent waiting for a reply).
 DEFAULT_RATE_WINDOW = 60.0
 # Slack for timer wake-ups a hair early: a window this close to full counts as full.
@@ -119,6 +123,11 @@ class AuthMechanism(StrEnum):
     PLAIN = "PLAIN"  # AUTH PLAIN (RFC 4616), with the initial response when it fits
     LOGIN = "LOGIN"  # AUTH LOGIN (the widely deployed non-standard mechanism)
     USER = "USER"  # USER then PASS (RFC 1939)
+    OAUTHBEARER = "OAUTHBEARER"  # RFC 7628, with an OAuth2 access token
+    XOAUTH2 = "XOAUTH2"  # Google's and Microsoft's OAuth2 mechanism
+
+
+_OAUTH_MECHANISMS = (AuthMechanism.OAUTHBEARER, AuthMechanism.XOAUTH2)
 
 
 class _Stream:
@@ -502,7 +511,12 @@ class POP3Client:
             raise
 
     async def login(
-        self, username: str, password: str, *, mechanism: AuthMechanism | None = None
+        self,
+        username: str,
+        password: str,
+        *,
+        mechanism: AuthMechanism | None = None,
+        oauth2: bool = False,
     ) -> None:
         """Authenticate and enter the TRANSACTION state.
 
@@ -512,15 +526,36 @@ class POP3Client:
         ``-ERR``: :class:`MailboxLocked` for ``[IN-USE]``, :class:`PlaintextLoginRefused`
         when an unencrypted login is refused for want of TLS (see ``temporary`` for
         ``[LOGIN-DELAY]`` and ``[SYS/TEMP]``).
+
+        ``oauth2``: ``password`` is an OAuth2 access token, sent with OAUTHBEARER or
+        XOAUTH2, whichever the server offers (OAUTHBEARER first); :class:`AuthFailed`
+        with ``auth_not_supported`` wording when it offers neither.
         """
         check_text(username, "user name", max_length=MAX_CREDENTIAL_LENGTH, spaces=True)
-        check_text(password, "password", max_length=MAX_CREDENTIAL_LENGTH, spaces=True)
+        if oauth2:
+            check_text(password, "access token", max_length=MAX_TOKEN_LENGTH, spaces=False)
+        else:
+            check_text(password, "password", max_length=MAX_CREDENTIAL_LENGTH, spaces=True)
         async with self._operation():
             if self.security is not Security.NONE and not self._tls:
                 # Defence in depth: connect() already refuses to continue without TLS.
                 raise TLSRequired("refusing to send credentials over an unencrypted connection")
-            chosen = mechanism or self._choose_mechanism()
-            if chosen is AuthMechanism.PLAIN:
+            chosen = mechanism or (
+                self._choose_oauth_mechanism() if oauth2 else self._choose_mechanism()
+            )
+            if chosen in _OAUTH_MECHANISMS:
+                raw = (
+                    oauthbearer_response(username, password, self.host, self.port)
+                    if chosen is AuthMechanism.OAUTHBEARER
+                    else xoauth2_response(username, password)
+                )
+                # The initial response rarely fits RFC 5034's 255 octets: send it after
+                # the empty challenge. On failure the server sends an error challenge,
+                # answered as each mechanism asks (RFC 7628: a lone ^A; XOAUTH2: empty);
+                # the -ERR that follows is the verdict.
+                after_error = "AQ==" if chosen is AuthMechanism.OAUTHBEARER else ""
+                await self._authenticate(Command.auth(chosen.value), iter((_b64(raw), after_error)))
+            elif chosen is AuthMechanism.PLAIN:
                 token = _b64(b"\0" + username.encode() + b"\0" + password.encode())
                 if len(f"AUTH PLAIN {token}\r\n") <= MAX_AUTH_LINE:
                     await self._authenticate(Command.auth("PLAIN", token), iter(()))
@@ -844,6 +879,16 @@ class POP3Client:
         if capabilities.user or "LOGIN" not in capabilities.sasl:
             return AuthMechanism.USER
         return AuthMechanism.LOGIN
+
+    def _choose_oauth_mechanism(self) -> AuthMechanism:
+        capabilities = self._capabilities or Capabilities.unsupported()
+        for mechanism in _OAUTH_MECHANISMS:
+            if mechanism.value in capabilities.sasl:
+                return mechanism
+        offered = " ".join(capabilities.sasl) or "none"
+        raise AuthNotSupported(
+            f"the POP3 server offers no OAuth2 SASL mechanism (OAUTHBEARER, XOAUTH2): {offered}"
+        )
 
     async def _authenticate(self, command: Command, answers: Iterator[str]) -> None:
         core = self._core

@@ -18,7 +18,8 @@ MAX_NUMBER = 2**31 - 1
 #: Longest USER/PASS argument; RFC 1939 says 40, real passwords can be longer.
 MAX_CREDENTIAL_LENGTH = 1024
 #: Longest SASL base64 line sent (a PLAIN response for two MAX_CREDENTIAL_LENGTH values).
-MAX_SASL_LINE = 4 * (2 * MAX_CREDENTIAL_LENGTH + 2) // 3 + 4
+# Room for an OAuth2 initial response too (an access token of up to 8192 characters).
+MAX_SASL_LINE = 4 * (8192 + 2 * MAX_CREDENTIAL_LENGTH + 64) // 3 + 4
 
 # C0 controls, DEL and the C1 controls: a command line must never carry them.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -170,7 +171,9 @@ def check_sasl_response(value: object) -> str:
     """Validate a SASL line: base64, ``=`` (empty response) or ``*`` (cancel)."""
     if not isinstance(value, str) or len(value) > MAX_SASL_LINE:
         raise InvalidArgument("a SASL response must be a base64 string")
-    if value in ("=", "*") or (value and _BASE64.fullmatch(value)):
+    # "" is an empty response to a challenge (RFC 5034 section 4; XOAUTH2's answer to
+    # its error challenge); "=" an empty initial response.
+    if value in ("", "=", "*") or _BASE64.fullmatch(value):
         return value
     raise InvalidArgument("a SASL response must be base64, '=' or '*'")
 

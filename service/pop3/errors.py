@@ -213,6 +213,13 @@ class AuthFailed(CommandRejected):
     code = ErrorCode.AUTH_FAILED
 
 
+class AuthNotSupported(POP3Error):
+    """The server offers no SASL mechanism for the credentials held (OAuth2); nothing
+    was sent."""
+
+    code = ErrorCode.AUTH_NOT_SUPPORTED
+
+
 class PlaintextLoginRefused(AuthFailed):
     """The server refuses logins on an unencrypted connection (Dovecot:
     ``-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.``).

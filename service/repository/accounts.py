@@ -26,7 +26,7 @@ _COLUMNS = (
     " in_password, out_host, out_port, out_security, out_username, out_password,"
     " out_allow_insecure_auth, leave_on_server, delete_after_days, max_message_bytes,"
     " poll_interval_minutes, smtp_pause_code, smtp_pause_detail, smtp_paused_at, created_at,"
-    " updated_at, login_delay_s"
+    " updated_at, login_delay_s, in_auth, out_auth, in_token_expires_at, out_token_expires_at"
 )
 _COLUMN_COUNT = _COLUMNS.count(",") + 1
 _PAUSE_COLUMNS = ("smtp_pause_code", "smtp_pause_detail", "smtp_paused_at")
@@ -48,6 +48,9 @@ class AccountRepository(Protocol):
     ) -> bool: ...
     async def clear_smtp_pauses(self, codes: Collection[str]) -> int: ...
     async def set_login_delay(self, account_id: str, seconds: int | None) -> None: ...
+    async def store_grant(
+        self, account_id: str, side: str, sealed: str, expires_at: datetime | None, *, was: str
+    ) -> bool: ...
     async def unscheduled(self, limit: int) -> list[Account]: ...
     async def schedule_polls(
         self, polls: Sequence[tuple[str, datetime]], *, unscheduled_only: bool = False
@@ -187,6 +190,22 @@ class SQLiteAccountRepository:
                 "UPDATE accounts SET login_delay_s = ? WHERE id = ?", (seconds, account_id)
             )
 
+    async def store_grant(
+        self, account_id: str, side: str, sealed: str, expires_at: datetime | None, *, was: str
+    ) -> bool:
+        """Store a refreshed OAuth2 grant (``side``: "in" or "out") if the stored one is
+        still ``was`` (another refresh or a PATCH did not come first). Leaves
+        ``updated_at`` alone: the settings are the same, only their tokens moved on."""
+        if side not in ("in", "out"):
+            raise ValueError(side)
+        async with self._db.transaction() as conn:
+            cursor = await conn.execute(
+                f"UPDATE accounts SET {side}_password = ?, {side}_token_expires_at = ?"
+                f" WHERE id = ? AND {side}_password = ?",
+                (sealed, None if expires_at is None else to_text(expires_at), account_id, was),
+            )
+            return cursor.rowcount > 0
+
     # The poll schedule (``next_poll_at``, migration 7) ------------------------------------
 
     async def unscheduled(self, limit: int) -> list[Account]:
@@ -259,6 +278,9 @@ def _params(a: Account) -> tuple[object, ...]:
         r.poll_interval_minutes,
         p.code if p else None, p.detail if p else None, to_text(p.since) if p else None,
         to_text(a.created_at), to_text(a.updated_at), a.login_delay_s,
+        i.auth, o.auth,
+        None if i.token_expires_at is None else to_text(i.token_expires_at),
+        None if o.token_expires_at is None else to_text(o.token_expires_at),
     )  # fmt: skip
 
 
@@ -275,6 +297,8 @@ def _account(row: sqlite3.Row) -> Account:
             security=Security(row["in_security"]),
             username=row["in_username"],
             password_encrypted=row["in_password"],
+            auth=row["in_auth"],
+            token_expires_at=_maybe_time(row["in_token_expires_at"]),
         ),
         outgoing=OutgoingServer(
             host=row["out_host"],
@@ -283,6 +307,8 @@ def _account(row: sqlite3.Row) -> Account:
             username=row["out_username"],
             password_encrypted=row["out_password"],
             allow_insecure_auth=bool(row["out_allow_insecure_auth"]),
+            auth=row["out_auth"],
+            token_expires_at=_maybe_time(row["out_token_expires_at"]),
         ),
         retrieval=RetrievalPolicy(
             leave_on_server=bool(row["leave_on_server"]),
@@ -303,3 +329,7 @@ def _account(row: sqlite3.Row) -> Account:
         updated_at=from_text(row["updated_at"]),
         login_delay_s=row["login_delay_s"],
     )
+
+
+def _maybe_time(value: str | None) -> datetime | None:
+    return None if value is None else from_text(value)

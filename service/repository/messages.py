@@ -324,8 +324,19 @@ class SQLiteMessageRepository:
         if flt.has_attachments is not None:
             where.append("m.has_attachments = ?")
             params.append(int(flt.has_attachments))
+        if flt.message_id is not None:
+            where.append("m.message_id = ?")
+            params.append(flt.message_id)
         condition = " AND ".join(where)
         match = fts_match(flt)
+        if flt.message_id is not None:
+            # The (account, message_id) index finds the few rows with this Message-ID.
+            rows = await self._db.fetch_all(
+                f"SELECT {_M_COLUMNS} FROM messages m INDEXED BY messages_message_id"
+                f" WHERE {condition} ORDER BY m.id DESC LIMIT ?",
+                (*params, limit + 1),
+            )
+            return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
         if match is None and flt.since is None:
             # Nothing an index narrows better than the (account, has_attachments, id) or
             # (account, id) index read newest first.

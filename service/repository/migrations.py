@@ -327,6 +327,29 @@ ALTER TABLE outbox_recipients ADD COLUMN bounce_message TEXT;
 ALTER TABLE outbox_recipients ADD COLUMN bounced_at TEXT
 """
 
+V11_OAUTH2 = """
+-- OAuth2 credentials (issue 14): per server, how it authenticates. With 'oauth2' the
+-- sealed secret column (in_password/out_password) holds the OAuth2 grant as sealed JSON
+-- (token URL, client, refresh token, scope, current access token); the access token's
+-- expiry is kept in clear so responses and the refresh schedule need no decryption.
+ALTER TABLE accounts ADD COLUMN in_auth TEXT NOT NULL DEFAULT 'password';
+ALTER TABLE accounts ADD COLUMN out_auth TEXT NOT NULL DEFAULT 'password';
+ALTER TABLE accounts ADD COLUMN in_token_expires_at TEXT;
+ALTER TABLE accounts ADD COLUMN out_token_expires_at TEXT
+"""
+
+V12_SEND_OPTIONS = """
+-- Sending like a mail client (issue 15): the caller's metadata (a JSON object) and tags
+-- (a JSON array), NULL when none, and the requested delivery time. A scheduled message
+-- is stored queued with next_attempt_at = send_at, so the due queries and their indexes
+-- hold it back until then and a restart changes nothing.
+ALTER TABLE outbox ADD COLUMN metadata TEXT;
+ALTER TABLE outbox ADD COLUMN tags TEXT;
+ALTER TABLE outbox ADD COLUMN send_at TEXT;
+-- GET .../messages?message_id=: the stored messages with one Message-ID.
+CREATE INDEX messages_message_id ON messages (account_id, message_id)
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, V1_ACCOUNTS),
     (2, V2_RETRIEVALS),
@@ -338,4 +361,6 @@ MIGRATIONS: list[tuple[int, str]] = [
     (8, V8_FTS_INDEXED_PER_BATCH),
     (9, V9_EVENTS),
     (10, V10_BOUNCES),
+    (11, V11_OAUTH2),
+    (12, V12_SEND_OPTIONS),
 ]

@@ -41,6 +41,7 @@ from service.domain.outbox import (
     DeliveryOutcome,
     DueAccount,
     NewOutgoing,
+    OutboxFilter,
     OutgoingError,
     OutgoingMessage,
     Recipient,
@@ -61,7 +62,7 @@ GROUP_COMMIT_MAX = 256
 _COLUMNS = (
     "id, account_id, message_id, status, subject, size, idempotency_key, created_at,"
     " updated_at, next_attempt_at, sent_at, expires_at, attempt_count, last_error_code,"
-    " last_error_detail"
+    " last_error_detail, metadata, tags, send_at"
 )
 # Read with each message: a paused account's waiting messages have no next attempt.
 _PAUSED = (
@@ -98,6 +99,7 @@ class OutboxRepository(Protocol):
         *,
         after: str | None,
         limit: int,
+        where: OutboxFilter | None = None,
     ) -> Page[OutgoingMessage]: ...
     async def raw(self, account_id: str, outgoing_id: str) -> bytes | None: ...
     async def cancel(self, account_id: str, outgoing_id: str, at: datetime) -> bool: ...
@@ -198,19 +200,21 @@ class SQLiteOutboxRepository:
         *,
         after: str | None,
         limit: int,
+        where: OutboxFilter | None = None,
     ) -> Page[OutgoingMessage]:
         """Newest first."""
+        extra, extra_params = _filter_sql(where)
         if status is None:
             rows = await self._db.fetch_all(
                 f"SELECT {_COLUMNS}, {_PAUSED} FROM outbox WHERE account_id = ? AND id < ?"
-                " ORDER BY id DESC LIMIT ?",
-                (account_id, after or "~", limit + 1),
+                f"{extra} ORDER BY id DESC LIMIT ?",
+                (account_id, after or "~", *extra_params, limit + 1),
             )
         else:
             rows = await self._db.fetch_all(
                 f"SELECT {_COLUMNS}, {_PAUSED} FROM outbox WHERE account_id = ? AND status = ?"
-                " AND id < ? ORDER BY id DESC LIMIT ?",
-                (account_id, status.value, after or "~", limit + 1),
+                f" AND id < ?{extra} ORDER BY id DESC LIMIT ?",
+                (account_id, status.value, after or "~", *extra_params, limit + 1),
             )
         messages = await self._assemble(rows[:limit])
         more = len(rows) > limit and bool(messages)
@@ -594,6 +598,29 @@ class SQLiteOutboxRepository:
             )
 
 
+def _filter_sql(where: OutboxFilter | None) -> tuple[str, list[str]]:
+    """`` AND ...`` conditions and their parameters for ``where`` (metadata and tags are
+    JSON columns, searched with json_each/json_extract within the account's rows)."""
+    if where is None:
+        return "", []
+    sql: list[str] = []
+    params: list[str] = []
+    if where.scheduled is not None and where.now is not None:
+        if where.scheduled:
+            sql.append(" AND send_at IS NOT NULL AND send_at > ?")
+        else:
+            sql.append(" AND (send_at IS NULL OR send_at <= ?)")
+        params.append(to_text(where.now))
+    for tag in where.tags:
+        sql.append(" AND EXISTS (SELECT 1 FROM json_each(outbox.tags) WHERE value = ?)")
+        params.append(tag)
+    for key, value in where.metadata:
+        # The key is a checked name (letters, digits, `_ . : -`): quoted as a JSON path.
+        sql.append(" AND json_extract(outbox.metadata, ?) = ?")
+        params += [f'$."{key}"', value]
+    return "".join(sql), params
+
+
 def _json_list(values: Collection[str]) -> str:
     return msgspec.json.encode(sorted(values)).decode()
 
@@ -602,7 +629,8 @@ async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> No
     await conn.executemany(
         "INSERT INTO outbox (id, account_id, message_id, status, mail_from, subject, smtputf8,"
         " size, idempotency_key, request_hash, created_at, updated_at, next_attempt_at,"
-        " expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " expires_at, metadata, tags, send_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 m.id,
@@ -617,8 +645,11 @@ async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> No
                 m.request_hash,
                 to_text(m.created_at),
                 to_text(m.created_at),
-                to_text(m.created_at),
+                to_text(m.due_at),
                 to_text(m.expires_at),
+                _json_or_null(m.metadata),
+                _json_or_null(m.tags),
+                opt_to_text(m.send_at),
             )
             for m in messages
         ],
@@ -636,6 +667,18 @@ async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> No
             for position, r in enumerate(m.recipients)
         ],
     )
+
+
+def _json_or_null(value: dict[str, str] | list[str]) -> str | None:
+    return msgspec.json.encode(value).decode() if value else None
+
+
+def _decode_metadata(text: str | None) -> dict[str, str]:
+    return msgspec.json.decode(text, type=dict[str, str]) if text else {}
+
+
+def _decode_tags(text: str | None) -> list[str]:
+    return msgspec.json.decode(text, type=list[str]) if text else []
 
 
 async def _fail_open_recipients(conn: aiosqlite.Connection, ids: Iterable[str]) -> None:
@@ -676,4 +719,7 @@ def _message(
         recipients=recipients,
         attempts=attempts,
         error=error,
+        metadata=_decode_metadata(row["metadata"]),
+        tags=_decode_tags(row["tags"]),
+        send_at=opt_from_text(row["send_at"]),
     )

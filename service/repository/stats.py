@@ -12,7 +12,9 @@ from service.repository.database import Database
 # the oldest unsent message is found among the pending rows only, however many were sent.
 OLDEST_UNSENT_SQL = (
     "SELECT min(created_at) FROM ("
-    "SELECT min(created_at) AS created_at FROM outbox WHERE status IN ('queued', 'deferred')"
+    # A scheduled message is waiting only from its send_at (a later time: age 0 until then).
+    "SELECT min(coalesce(send_at, created_at)) AS created_at FROM outbox"
+    " WHERE status IN ('queued', 'deferred')"
     " UNION ALL SELECT min(created_at) FROM outbox WHERE status = 'sending') AS pending"
 )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import msgspec
 from msgspec import UnsetType
@@ -20,13 +21,22 @@ from service.domain.accounts import (
 )
 from service.domain.enums import Security
 from service.domain.ids import new_id
-from service.domain.inputs import AccountInput, AccountPatch, OutgoingPatch
+from service.domain.inputs import (
+    AccountInput,
+    AccountPatch,
+    IncomingInput,
+    IncomingPatch,
+    OutgoingInput,
+    OutgoingPatch,
+    check_grant,
+)
 from service.domain.time import utcnow
 from service.errors import FieldError, Invalid, NotFound, Unavailable
 from service.logs import log_event
 from service.repository.accounts import AccountRepository
 from service.repository.notify import Notifier, Topic
 from service.repository.pages import Page
+from service.services.oauth import Grant, OAuthTokens, Side, open_grant, seal_grant
 from service.services.presets import PresetCatalog
 
 logger = logging.getLogger("mailroom.accounts")
@@ -47,8 +57,10 @@ async def _no_host_check(account: Account) -> None:
 class Credentials(msgspec.Struct, frozen=True):
     """Decrypted secrets of one account; only ever held in memory while connecting."""
 
-    incoming_password: str
+    incoming_password: str  # with oauth2: the current access token
     outgoing_password: str | None
+    incoming_oauth2: bool = False
+    outgoing_oauth2: bool = False
 
     def __repr__(self) -> str:  # never print a password, even in a traceback
         return "Credentials(<redacted>)"
@@ -64,6 +76,7 @@ class AccountService:
         host_check: HostCheck = _no_host_check,
         notifier: Notifier | None = None,
         presets: PresetCatalog | None = None,
+        oauth: OAuthTokens | None = None,
     ) -> None:
         """``notifier``: told when an account's outgoing settings change (delivery waiting
         on them resumes at once, in whichever process delivers)."""
@@ -73,6 +86,7 @@ class AccountService:
         self._max_message_bytes = max_message_bytes
         self._host_check = host_check
         self._presets = presets if presets is not None else PresetCatalog()
+        self._oauth = oauth
 
     async def create(self, tenant: str, data: AccountInput) -> Account:
         account = await self.draft(tenant, data)
@@ -101,7 +115,12 @@ class AccountService:
                 port=inc.port or POP3_PORTS[in_security],
                 security=in_security,
                 username=inc.username,
-                password_encrypted=self._seal(inc.password, account_id, IN_PASSWORD),
+                password_encrypted=(
+                    self._seal_grant(_grant_of(inc), account_id, "in")
+                    if inc.auth == "oauth2"
+                    else self._seal(inc.password or "", account_id, IN_PASSWORD)
+                ),
+                auth=inc.auth,
             ),
             outgoing=OutgoingServer(
                 host=out.host,
@@ -109,11 +128,14 @@ class AccountService:
                 security=out_security,
                 username=out.username,
                 password_encrypted=(
-                    None
+                    self._seal_grant(_grant_of(out), account_id, "out")
+                    if out.auth == "oauth2"
+                    else None
                     if out.password is None
                     else self._seal(out.password, account_id, OUT_PASSWORD)
                 ),
                 allow_insecure_auth=out.allow_insecure_auth,
+                auth=out.auth,
             ),
             retrieval=RetrievalPolicy(
                 leave_on_server=data.retrieval.leave_on_server,
@@ -151,13 +173,18 @@ class AccountService:
                 **_given(p, "host", "username"),
                 **_security_and_port(incoming.security, incoming.port, p, POP3_PORTS),
             )
-            if not isinstance(p.password, UnsetType):
-                incoming = msgspec.structs.replace(
-                    incoming, password_encrypted=self._seal(p.password, account_id, IN_PASSWORD)
-                )
+            incoming = self._patch_auth(account_id, incoming, p, "in")
         outgoing = current.outgoing
         smtp_pause = current.smtp_pause
         outgoing_changed = not isinstance(patch.outgoing, UnsetType)
+        if (
+            not isinstance(patch.incoming, UnsetType)
+            and current.smtp_pause is not None
+            and current.smtp_pause.code == ErrorCode.OAUTH_REFRESH_FAILED
+        ):
+            # New incoming credentials end a pause their refresh caused.
+            outgoing_changed = True
+            smtp_pause = None
         if not isinstance(patch.outgoing, UnsetType):
             outgoing = self._patch_outgoing(account_id, outgoing, patch.outgoing)
             # New outgoing settings (even `{}`: "try again") end a delivery pause.
@@ -217,11 +244,7 @@ class AccountService:
         )
         if not isinstance(p.username, UnsetType):
             out = msgspec.structs.replace(out, username=p.username)
-        if not isinstance(p.password, UnsetType):
-            sealed = (
-                None if p.password is None else self._seal(p.password, account_id, OUT_PASSWORD)
-            )
-            out = msgspec.structs.replace(out, password_encrypted=sealed)
+        out = self._patch_auth(account_id, out, p, "out")
         if (out.username is None) != (out.password_encrypted is None):
             raise Invalid(
                 "SMTP auth needs both `username` and `password`, or neither",
@@ -233,15 +256,76 @@ class AccountService:
         if not await self._repo.delete(tenant, account_id):
             raise NotFound(f"no account {account_id!r}")
 
+    async def secrets(
+        self,
+        account: Account,
+        *,
+        incoming: bool = True,
+        outgoing: bool = True,
+        pause: bool = True,
+    ) -> Credentials:
+        """What a connection authenticates with: the passwords, or for OAuth2 sides a
+        current access token (refreshed and stored first when it is about to expire).
+
+        ``incoming=False`` / ``outgoing=False``: that side is not needed (its OAuth2 token
+        is not refreshed).
+
+        :raises OAuthRefreshFailed: no access token could be had.
+        """
+        plain = self.credentials(account)
+        in_oauth = account.incoming.auth == "oauth2"
+        out_oauth = account.outgoing.auth == "oauth2"
+        if not (in_oauth and incoming) and not (out_oauth and outgoing):
+            return plain
+        if self._oauth is None:
+            raise Unavailable("OAuth2 is not set up in this process")
+        in_token = plain.incoming_password
+        if in_oauth and incoming:
+            in_token = await self._oauth.access_token(account, "in", pause=pause)
+        out_token = plain.outgoing_password
+        if out_oauth and outgoing:
+            out_token = await self._oauth.access_token(account, "out", pause=pause)
+        return Credentials(
+            incoming_password=in_token,
+            outgoing_password=out_token,
+            incoming_oauth2=in_oauth,
+            outgoing_oauth2=out_oauth,
+        )
+
+    async def token_for_verify(self, account: Account, side: Side) -> tuple[str, str]:
+        """An access token for ``side`` and what verify says of it."""
+        if self._oauth is None:
+            raise Unavailable("OAuth2 is not set up in this process")
+        token, refreshed = await self._oauth.token(account, side)
+        if refreshed is not None:
+            detail = (
+                f"access token refreshed, valid until {refreshed.expires_at:%Y-%m-%dT%H:%M:%SZ}"
+            )
+            if refreshed.refresh_token is not None:
+                detail += "; the provider rotated the refresh token"
+            return token, detail
+        server = account.incoming if side == "in" else account.outgoing
+        until = server.token_expires_at
+        return token, "access token held" + (
+            "" if until is None else f", valid until {until:%Y-%m-%dT%H:%M:%SZ}"
+        )
+
     def credentials(self, account: Account) -> Credentials:
-        """Decrypt the account's passwords for a connection (never for a response)."""
+        """Decrypt the account's passwords for a connection (never for a response).
+
+        OAuth2 sides have no password here: their sealed grant is ``secrets``' to open.
+        """
         try:
-            incoming = self._cipher.decrypt(
-                account.incoming.password_encrypted, account_id=account.id, field=IN_PASSWORD
+            incoming = (
+                ""
+                if account.incoming.auth == "oauth2"
+                else self._cipher.decrypt(
+                    account.incoming.password_encrypted, account_id=account.id, field=IN_PASSWORD
+                )
             )
             outgoing = (
                 None
-                if account.outgoing.password_encrypted is None
+                if account.outgoing.password_encrypted is None or account.outgoing.auth == "oauth2"
                 else self._cipher.decrypt(
                     account.outgoing.password_encrypted, account_id=account.id, field=OUT_PASSWORD
                 )
@@ -257,6 +341,76 @@ class AccountService:
     def _seal(self, secret: str, account_id: str, field: str) -> str:
         return self._cipher.encrypt(secret, account_id=account_id, field=field)
 
+    def _seal_grant(self, grant: Grant, account_id: str, side: Side) -> str:
+        return seal_grant(self._cipher, grant, account_id, side)
+
+    def _patch_auth(self, account_id: str, server: _Server, p: _Patch, side: Side) -> _Server:
+        """Apply a PATCH's ``auth``, ``password`` and OAuth2 fields to one side.
+
+        OAuth2 fields given merge into the stored grant; a new ``refresh_token`` or
+        ``access_token`` replaces the token held (an access token alone makes the grant
+        caller-managed). Switching ``auth`` needs the new kind's secrets in the same PATCH.
+        """
+        field = IN_PASSWORD if side == "in" else OUT_PASSWORD
+        auth = server.auth if isinstance(p.auth, UnsetType) else p.auth
+        oauth_given = {
+            name: getattr(p, name)
+            for name in _GRANT_NAMES
+            if not isinstance(getattr(p, name), UnsetType)
+        }
+        where = "incoming" if side == "in" else "outgoing"
+        if auth == "password":
+            if oauth_given:
+                raise Invalid(
+                    "OAuth2 fields need `auth: oauth2`",
+                    errors=[FieldError(where, "OAuth2 fields need auth oauth2")],
+                )
+            if not isinstance(p.password, UnsetType):
+                sealed = None if p.password is None else self._seal(p.password, account_id, field)
+                return msgspec.structs.replace(
+                    server, password_encrypted=sealed, auth=auth, token_expires_at=None
+                )
+            if server.auth != "password":
+                raise Invalid(
+                    "switching to `auth: password` needs `password`",
+                    errors=[FieldError(f"{where}.password", "required with auth password")],
+                )
+            return server
+        if not isinstance(p.password, UnsetType) and p.password is not None:
+            raise Invalid(
+                "`auth: oauth2` takes no `password`",
+                errors=[FieldError(f"{where}.password", "not with auth oauth2")],
+            )
+        if server.auth == "oauth2" and server.password_encrypted is not None:
+            try:
+                grant = open_grant(self._cipher, server.password_encrypted, account_id, side)
+            except (CredentialError, msgspec.DecodeError):
+                grant = Grant()
+        else:
+            grant = Grant()
+        if not oauth_given and server.auth == "oauth2":
+            return server
+        if "refresh_token" in oauth_given:
+            oauth_given["access_token"] = None
+        elif "access_token" in oauth_given:
+            oauth_given["refresh_token"] = None
+        grant = msgspec.structs.replace(grant, **oauth_given)
+        try:
+            check_grant(grant)
+        except ValueError as exc:
+            raise Invalid(str(exc), errors=[FieldError(where, str(exc))]) from None
+        if server.username is None:
+            raise Invalid(
+                "`auth: oauth2` needs `username`",
+                errors=[FieldError(f"{where}.username", "required with auth oauth2")],
+            )
+        return msgspec.structs.replace(
+            server,
+            password_encrypted=self._seal_grant(grant, account_id, side),
+            auth="oauth2",
+            token_expires_at=None,
+        )
+
     def _check_cap(self, cap: int | None) -> None:
         if cap is not None and cap > self._max_message_bytes:
             raise Invalid(
@@ -265,6 +419,15 @@ class AccountService:
                     FieldError("retrieval.max_message_bytes", f"at most {self._max_message_bytes}")
                 ],
             )
+
+
+_GRANT_NAMES = ("token_url", "client_id", "client_secret", "refresh_token", "scope", "access_token")
+_Server = TypeVar("_Server", IncomingServer, OutgoingServer)
+_Patch = IncomingPatch | OutgoingPatch
+
+
+def _grant_of(side: IncomingInput | OutgoingInput) -> Grant:
+    return Grant(**{name: getattr(side, name) for name in _GRANT_NAMES})
 
 
 def _given(patch: msgspec.Struct, *fields: str) -> dict[str, object]:

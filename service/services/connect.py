@@ -148,7 +148,9 @@ class MailConnector:
         async with client:
             yield client
 
-    async def smtp_server(self, account: Account, password: str | None) -> SMTPServer:
+    async def smtp_server(
+        self, account: Account, password: str | None, *, oauth2: bool = False
+    ) -> SMTPServer:
         """The SMTP settings of ``account`` with a checked address to dial."""
         outgoing = account.outgoing
         address = await self.address(outgoing.host, outgoing.port)
@@ -167,4 +169,5 @@ class MailConnector:
             ca_file=self._ca_file,
             connect_address=address,
             local_hostname=ehlo_name(self._ehlo_name, self._fqdn or "", account.email),
+            oauth2=oauth2,
         )

@@ -107,6 +107,7 @@ from service.services.accounts import AccountService
 from service.services.connect import ConnectFailure, MailConnector
 from service.services.delivery_process import DeadlineReached, DeliveryProcessLost
 from service.services.leases import RENEWALS_PER_LEASE, SWEEPS_PER_LEASE, Periodic, lease_length
+from service.services.oauth import OAuthRefreshFailed
 from service.smtp import (
     RcptStatus,
     SendResult,
@@ -845,8 +846,13 @@ class DeliveryWorker:
 
     async def _open_session(self, account: Account, deadline: float) -> DeliverySession:
         try:
-            password = self._accounts.credentials(account).outgoing_password
-            server = await self._connector.smtp_server(account, password)
+            secrets = await self._accounts.secrets(account, incoming=False, pause=False)
+            server = await self._connector.smtp_server(
+                account, secrets.outgoing_password, oauth2=secrets.outgoing_oauth2
+            )
+        except OAuthRefreshFailed as exc:  # the refusal pauses the account below
+            transient = exc.transient
+            raise _Failure(exc.code, exc.detail, transient=transient, account_level=True) from exc
         except ConnectFailure as exc:
             cause = exc.__cause__
             transient = bool(getattr(cause, "transient", exc.code != HOST_NOT_ALLOWED))

@@ -70,6 +70,7 @@ from service.repository.retrievals import RetrievalRepository
 from service.services.accounts import AccountService
 from service.services.connect import ConnectFailure, MailConnector
 from service.services.leases import RENEWALS_PER_LEASE, SWEEPS_PER_LEASE, Periodic, lease_length
+from service.services.oauth import OAuthRefreshFailed
 from service.services.scheduler import next_poll_at
 
 logger = logging.getLogger("mailroom.retrieval")
@@ -629,6 +630,8 @@ class RetrievalService:
                 status, error = RetrievalStatus.CANCELLED, run.cancelled_error()
             else:
                 status, error = RetrievalStatus.FAILED, run.error_of(exc)
+        except OAuthRefreshFailed as exc:  # no access token: nothing was connected
+            status, error = RetrievalStatus.FAILED, RetrievalError(exc.code, exc.detail)
         except RepositoryError as exc:
             logger.error("retrieval %s: store failed: %s", retrieval.id, exc)
             status = RetrievalStatus.FAILED
@@ -816,7 +819,19 @@ class _Run:
 
     async def execute(self) -> None:
         account, s = self.account, self.s
-        credentials = s._accounts.credentials(account)
+        pause = account.smtp_pause
+        if (
+            account.incoming.auth == "oauth2"
+            and pause is not None
+            and pause.code == ErrorCode.OAUTH_REFRESH_FAILED
+        ):
+            # Paused: the refresh token was refused; only new credentials (a PATCH) help.
+            raise OAuthRefreshFailed(
+                f"the account is paused since {pause.since.isoformat()}: {pause.detail};"
+                " PATCH new OAuth2 credentials to resume",
+                transient=False,
+            )
+        credentials = await s._accounts.secrets(account, outgoing=False)
         self.checkpoint()
         self.phase = _Phase.CONNECTING
         async with s._connector.pop3(
@@ -827,7 +842,11 @@ class _Run:
         ) as client:
             self.client, self.phase = client, _Phase.TRANSFERRING
             self.checkpoint()
-            await client.login(account.incoming.username, credentials.incoming_password)
+            await client.login(
+                account.incoming.username,
+                credentials.incoming_password,
+                oauth2=credentials.incoming_oauth2,
+            )
             delay = client.login_delay
             if delay != account.login_delay_s:
                 await s._account_repo.set_login_delay(account.id, delay)

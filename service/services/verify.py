@@ -34,6 +34,7 @@ from service.pop3.errors import (
 )
 from service.services.accounts import AccountService
 from service.services.connect import ConnectFailure, MailConnector
+from service.services.oauth import OAuthRefreshFailed, Side
 from service.services.probe import (
     MailProtocol,
     implicit_tls_hint,
@@ -56,6 +57,7 @@ MIN_REMAINING_S = 0.1
 class VerifyStepName(StrEnum):
     """The steps a verify reports, in order (``mailbox`` is POP3's, ``envelope`` SMTP's)."""
 
+    TOKEN = "token"  # OAuth2 only: an access token held or refreshed  # noqa: S105
     CONNECT = "connect"  # TCP, greeting (and EHLO for SMTP)
     TLS = "tls"  # implicit TLS or STARTTLS, certificate verified
     AUTH = "auth"  # credentials accepted
@@ -137,6 +139,8 @@ class AccountVerifier:
             if not deadline.expired():
                 raise
             planned = [VerifyStepName.CONNECT]
+            if account.incoming.auth == "oauth2":
+                planned.insert(0, VerifyStepName.TOKEN)
             if account.incoming.security is not Security.NONE:
                 planned.append(VerifyStepName.TLS)
             planned += [VerifyStepName.AUTH, VerifyStepName.MAILBOX]
@@ -147,9 +151,28 @@ class AccountVerifier:
                 steps.append(_cut_short(pending[0], self._timeout_s))
         return _check(steps)
 
+    async def _token_step(
+        self, account: Account, side: Side, steps: list[VerifyStep]
+    ) -> str | None:
+        """OAuth2: an access token (refreshed when due), with its step; None: failed."""
+        try:
+            token, detail = await self._accounts.token_for_verify(account, side)
+        except OAuthRefreshFailed as exc:
+            steps.append(VerifyStep(VerifyStepName.TOKEN, False, exc.code, exc.detail))
+            return None
+        steps.append(VerifyStep(VerifyStepName.TOKEN, True, None, detail))
+        return token
+
     async def _pop3_steps(self, account: Account, steps: list[VerifyStep]) -> None:
         credentials = self._accounts.credentials(account)
         incoming = account.incoming
+        oauth2 = incoming.auth == "oauth2"
+        secret = credentials.incoming_password
+        if oauth2:
+            token = await self._token_step(account, "in", steps)
+            if token is None:
+                return
+            secret = token
         try:
             async with self._connector.pop3(account, timeout_s=self._step_s) as client:
                 self._pop3_connected(account, steps)
@@ -159,7 +182,7 @@ class AccountVerifier:
                             VerifyStepName.TLS, True, None, "TLS established, certificate valid"
                         )
                     )
-                await client.login(incoming.username, credentials.incoming_password)
+                await client.login(incoming.username, secret, oauth2=oauth2)
                 steps.append(VerifyStep(VerifyStepName.AUTH, True, None, "credentials accepted"))
                 status = await client.stat()
                 steps.append(
@@ -235,9 +258,20 @@ class AccountVerifier:
         loop = asyncio.get_running_loop()
         end = loop.time() + self._timeout_s
         credentials = self._accounts.credentials(account)
+        secret = credentials.outgoing_password
+        oauth2 = account.outgoing.auth == "oauth2"
+        token_steps: list[VerifyStep] = []
+        if oauth2:
+            try:
+                async with asyncio.timeout_at(end):
+                    secret = await self._token_step(account, "out", token_steps)
+            except TimeoutError:
+                return _check([_cut_short(VerifyStepName.TOKEN, self._timeout_s)])
+            if secret is None:
+                return _check(token_steps)
         try:
             async with asyncio.timeout_at(end):
-                server = await self._connector.smtp_server(account, credentials.outgoing_password)
+                server = await self._connector.smtp_server(account, secret, oauth2=oauth2)
         except ConnectFailure as exc:
             return _check([_step(VerifyStepName.CONNECT, False, exc.code, exc.detail)])
         except TimeoutError:
@@ -249,7 +283,9 @@ class AccountVerifier:
             timeout_s=max(end - loop.time(), MIN_REMAINING_S),
             time_limit_s=self._timeout_s,
         )
-        steps = [_step(VerifyStepName(s.step.value), s.ok, s.code, s.detail) for s in found]
+        steps = token_steps + [
+            _step(VerifyStepName(s.step.value), s.ok, s.code, s.detail) for s in found
+        ]
         if steps and not steps[-1].ok:
             try:
                 async with asyncio.timeout_at(end):

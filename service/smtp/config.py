@@ -73,6 +73,8 @@ class SMTPServer:
     connect_address: str | None = None
     local_hostname: str | None = None
     timeouts: SMTPTimeouts = DEFAULT_TIMEOUTS
+    # ``password`` is an OAuth2 access token: AUTH with OAUTHBEARER or XOAUTH2 only.
+    oauth2: bool = False
 
     def __post_init__(self) -> None:
         if not self.host or any(c.isspace() or not c.isprintable() for c in self.host):

@@ -12,7 +12,8 @@ Hierarchy::
     │                                                       account-level at EHLO/HELO)
     │   └── SMTPAllRecipientsRefused    no RCPT accepted; ``recipients`` has every outcome
     ├── SMTPProtocolError           garbled/unexpected      protocol_error
-    └── SMTPExtensionMissing        no SMTPUTF8/8BITMIME    extension_not_supported
+    └── SMTPExtensionMissing        no SMTPUTF8/8BITMIME    smtputf8_not_supported,
+                                                            extension_not_supported
 
 Retry verdict (``transient``): 4xx replies, network errors, drops (including a 421 that
 closes the session) and timeouts are transient; 5xx replies are permanent. Security and

@@ -226,6 +226,19 @@ async def test_every_operation_answers_as_documented(
     )
     assert done.json()["status"] == "sent", done.json()
     await c.call("ListOutgoingMessages", 200, at=ids)
+    raw_message = b"From: conf@example.com\r\nTo: reader@example.com\r\n\r\nx\r\n"
+    raw_key = {"Content-Type": "message/rfc822", "Idempotency-Key": "conformance-raw"}
+    raw_sent = await c.call("SendRawMessage", 202, at=ids, content=raw_message, headers=raw_key)
+    assert raw_sent.headers["Location"].endswith(raw_sent.json()["id"])
+    raw_replay = await c.call("SendRawMessage", 200, at=ids, content=raw_message, headers=raw_key)
+    assert raw_replay.headers["Idempotency-Replayed"] == "true"
+    raw_json = {"raw_base64": base64.b64encode(raw_message).decode(), "tags": ["conformance"]}
+    await c.call("SendRawMessage", 202, at=ids, json=raw_json)
+    rfc822 = {"Content-Type": "message/rfc822"}
+    await c.call("SendRawMessage", 422, at=ids, content=b"no header\r\n", headers=rfc822)
+    await c.call(
+        "SendRawMessage", 415, at=ids, content=b"x", headers={"Content-Type": "text/plain"}
+    )
     await c.call("GetRawOutgoingMessage", 200, at=out)
     await c.call(
         "GetRawOutgoingMessage", 200, at=out, headers={"Accept": "application/octet-stream"}

@@ -123,7 +123,7 @@ async def test_bcc_is_delivered_but_never_in_a_header(
         ({"headers": {"MIME-Version": "1.0"}}, "protected_header", None),
         ({"headers": {"Received": "from evil"}}, "protected_header", None),
         ({"headers": {"x-tag": "1", "X-Tag": "2"}}, "duplicate_header", None),
-        ({"to": ["Bob <bob@example.org>"]}, "invalid_address", "to[0]"),
+        ({"to": ["Bob <bob@example.org> <eve@example.com>"]}, "invalid_address", "to[0]"),
         ({"to": ["bob@example.org, eve@example.com"]}, "invalid_address", "to[0]"),
         ({"to": ["bob@example.org\r\nRCPT TO:<eve@example.com>"]}, "invalid_address", "to[0]"),
         ({"to": ["(comment)bob@example.org"]}, "invalid_address", "to[0]"),

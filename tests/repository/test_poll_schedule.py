@@ -179,6 +179,10 @@ async def test_migration_backfills_the_schedule_from_the_latest_retrieval(
     }
 
 
+# The accounts columns that exist at schema version 6 (the first ones of the row).
+V6_ACCOUNT_COLUMNS = 26
+
+
 def _retrieval_rows(
     retrievals: list[tuple[Account, datetime, datetime | None]],
 ) -> list[tuple[str, str, str, str, datetime, datetime | None]]:
@@ -202,11 +206,13 @@ def _sqlite_at_version_6(
                 for statement in _statements(script):
                     conn.execute(statement)
         conn.execute("PRAGMA user_version=6")
-        marks = ", ".join("?" * sqlite_accounts._COLUMN_COUNT)
+        # Version 6's columns: later migrations (11: OAuth2) add more, at the end.
+        names = [n.strip() for n in sqlite_accounts._COLUMNS.split(",")][:V6_ACCOUNT_COLUMNS]
+        marks = ", ".join("?" * len(names))
         for account in accounts:
             conn.execute(
-                f"INSERT INTO accounts ({sqlite_accounts._COLUMNS}) VALUES ({marks})",
-                sqlite_accounts._params(account),
+                f"INSERT INTO accounts ({', '.join(names)}) VALUES ({marks})",
+                sqlite_accounts._params(account)[: len(names)],
             )
         for rid, account_id, trigger, status, at, end in _retrieval_rows(retrievals):
             conn.execute(
@@ -236,11 +242,12 @@ async def _postgres_at_version_6(
             if version <= 6:
                 await conn.execute(script)
                 await conn.execute("INSERT INTO schema_version (version) VALUES ($1)", version)
-        marks = ", ".join(f"${n}" for n in range(1, len(pg_accounts._NAMES) + 1))
+        names = pg_accounts._NAMES[:V6_ACCOUNT_COLUMNS]  # version 6's columns
+        marks = ", ".join(f"${n}" for n in range(1, len(names) + 1))
         for account in accounts:
             await conn.execute(
-                f"INSERT INTO accounts ({pg_accounts._COLUMNS}) VALUES ({marks})",
-                *pg_accounts._params(account),
+                f"INSERT INTO accounts ({', '.join(names)}) VALUES ({marks})",
+                *pg_accounts._params(account)[: len(names)],
             )
         for row in _retrieval_rows(retrievals):
             await conn.execute(

@@ -131,6 +131,11 @@ class Dovecot:
         entry.chmod(0o644)
         return Mailbox(self, name, password, path, self.vmail.pw_uid, self.vmail.pw_gid)
 
+    @property
+    def auth_socket(self) -> Path:
+        """The auth listener for Postfix's SASL (the OAuth2 variant only)."""
+        return self.directory / "run" / "auth-postfix"
+
     def log(self) -> str:
         """Dovecot's log so far (for failure messages)."""
         parts = []
@@ -192,8 +197,30 @@ def _config(
     uid: int,
     listen: str = "127.0.0.1",
     plaintext_auth: bool = True,
+    introspection_url: str | None = None,
+    oauth_mechanisms: str = "xoauth2 oauthbearer",
 ) -> str:
     d = directory
+    mechanisms = "plain login"
+    passdb = f"""passdb {{
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u {d}/users/%u
+}}"""
+    auth_service = ""
+    if introspection_url is not None:
+        # OAuth2 only: bearer tokens checked at the provider's introspection endpoint, and
+        # an auth socket for Postfix's SASL (smtpd_sasl_type = dovecot).
+        (d / "oauth2.conf").write_text(
+            f"introspection_mode = post\nintrospection_url = {introspection_url}\n"
+            "username_attribute = username\nactive_attribute = active\nactive_value = true\n"
+            "force_introspection = yes\n"
+        )
+        mechanisms = oauth_mechanisms
+        passdb = (
+            f"passdb {{\n  driver = oauth2\n  mechanisms = {oauth_mechanisms}\n"
+            f"  args = {d}/oauth2.conf\n}}"
+        )
+        auth_service = "service auth {\n  unix_listener auth-postfix {\n    mode = 0666\n  }\n}\n"
     tls = ""
     if ssl != "no":
         tls = f"ssl_cert = <{d}/cert.pem\nssl_key = <{d}/key.pem\n"
@@ -208,7 +235,7 @@ protocols = pop3
 listen = {listen}
 ssl = {ssl}
 {tls}disable_plaintext_auth = {"no" if plaintext_auth else "yes"}
-auth_mechanisms = plain login
+auth_mechanisms = {mechanisms}
 auth_failure_delay = 0
 default_internal_user = dovecot
 default_internal_group = dovecot
@@ -216,10 +243,7 @@ default_login_user = dovenull
 first_valid_uid = {min(100, uid)}
 mail_location = maildir:{d}/mail/%u
 pop3_uidl_format = %g
-passdb {{
-  driver = passwd-file
-  args = scheme=PLAIN username_format=%u {d}/users/%u
-}}
+{passdb}
 userdb {{
   driver = static
   args = uid=vmail gid=vmail home={d}/mail/%u
@@ -230,7 +254,7 @@ service pop3-login {{
     port = {pop3_port}
   }}
 {pop3s}}}
-service anvil {{
+{auth_service}service anvil {{
   chroot =
   # No per-IP auth penalty: wrong-password tests would slow every later login (2-15 s).
   unix_listener anvil-auth-penalty {{
@@ -255,6 +279,8 @@ def _start(
     listen: str = "127.0.0.1",
     plaintext_auth: bool = True,
     cert_names: tuple[str, ...] = (),
+    introspection_url: str | None = None,
+    oauth_mechanisms: str = "xoauth2 oauthbearer",
 ) -> Dovecot:
     binary = _dovecot_binary()
     vmail = ensure_vmail_user()
@@ -281,6 +307,8 @@ def _start(
             uid=vmail.pw_uid,
             listen=listen,
             plaintext_auth=plaintext_auth,
+            introspection_url=introspection_url,
+            oauth_mechanisms=oauth_mechanisms,
         )
     )
     with open(directory / "stderr.log", "wb") as stderr:
@@ -310,10 +338,17 @@ def running_dovecot(
     listen: str = "127.0.0.1",
     plaintext_auth: bool = True,
     cert_names: tuple[str, ...] = (),
+    introspection_url: str | None = None,
+    oauth_mechanisms: str = "xoauth2 oauthbearer",
 ) -> Iterator[Dovecot]:
     """Start Dovecot (``ssl``: ``yes``, ``required`` or ``no``) in a temporary directory.
 
     ``cert_names``: more names the server certificate is valid for (autoconfig tests).
+
+    ``introspection_url``: an OAuth2 variant: logins only with XOAUTH2 or OAUTHBEARER,
+    the bearer token checked at this RFC 7662 endpoint (``tests/servers/oauth.py``); its
+    auth socket for Postfix is ``server.auth_socket``; ``oauth_mechanisms`` narrows the
+    mechanisms offered (to POP3 clients and through Postfix).
 
     ``listen`` takes Dovecot's syntax (``"127.0.0.1, 127.0.0.2"``); with
     ``plaintext_auth=False`` it refuses logins before TLS on connections it does not
@@ -329,7 +364,14 @@ def running_dovecot(
         for attempt in range(attempts):
             try:
                 server = _start(
-                    directory, ca or trustme.CA(), ssl, listen, plaintext_auth, cert_names
+                    directory,
+                    ca or trustme.CA(),
+                    ssl,
+                    listen,
+                    plaintext_auth,
+                    cert_names,
+                    introspection_url,
+                    oauth_mechanisms,
                 )
                 break
             except DovecotUnavailable:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.servers.dovecot import DovecotUnavailable, ensure_vmail_user
 
@@ -146,6 +147,8 @@ class Postfix:
     uid: int = field(repr=False)
     gid: int = field(repr=False)
     host: str = "127.0.0.1"
+    # The submission port (implicit TLS, SASL from Dovecot): running_postfix(submission=...).
+    submission_port: int | None = None
 
     def add_mailbox(self, local: str | None = None) -> str:
         """A new address at :data:`POSTFIX_DOMAIN` whose mail lands in its own Maildir."""
@@ -205,7 +208,33 @@ def _postfix_binary() -> str | None:
     return found
 
 
-def _start(directory: Path, binary: str) -> Postfix:
+def _submission(d: Path, auth_socket: Path, port: int) -> tuple[str, str]:
+    """main.cf and master.cf additions: a 465-style port where only SASL clients may send,
+    authenticated by Dovecot (smtpd_sasl_type = dovecot) at ``auth_socket``."""
+    main = f"""\
+smtpd_sasl_type = dovecot
+smtpd_sasl_path = {auth_socket}
+smtpd_tls_cert_file = {d}/conf/cert.pem
+smtpd_tls_key_file = {d}/conf/key.pem
+"""
+    master = (
+        "tlsmgr    unix  -       -       n       1000?   1       tlsmgr\n"
+        f"127.0.0.1:{port} inet n - n - - smtpd\n"
+        "  -o smtpd_tls_wrappermode=yes\n"
+        "  -o smtpd_tls_security_level=encrypt\n"
+        "  -o smtpd_sasl_auth_enable=yes\n"
+        "  -o smtpd_tls_auth_only=yes\n"
+        "  -o mynetworks=\n"
+        "  -o smtpd_client_restrictions=permit_sasl_authenticated,reject\n"
+        "  -o smtpd_relay_restrictions=permit_sasl_authenticated,reject\n"
+        "  -o smtpd_recipient_restrictions=permit_sasl_authenticated,reject\n"
+    )
+    return main, master
+
+
+def _start(
+    directory: Path, binary: str, submission: tuple[Path, trustme.CA] | None = None
+) -> Postfix:
     try:
         vmail = ensure_vmail_user()
     except DovecotUnavailable as exc:
@@ -221,12 +250,26 @@ def _start(directory: Path, binary: str) -> Postfix:
     domain = re.escape(POSTFIX_DOMAIN)
     (conf / "vmailbox").write_text(f"/@{domain}$/ {MAILDIR}/\n", encoding="utf-8")
     port = _free_port()
-    (conf / "main.cf").write_text(_main_cf(directory, vmail.pw_uid, vmail.pw_gid))
-    (conf / "master.cf").write_text(_MASTER_CF.format(listen=f"127.0.0.1:{port}"))
+    main_cf = _main_cf(directory, vmail.pw_uid, vmail.pw_gid)
+    master_cf = _MASTER_CF.format(listen=f"127.0.0.1:{port}")
+    submission_port = None
+    if submission is not None:
+        auth_socket, ca = submission
+        cert = ca.issue_cert("localhost", "127.0.0.1")
+        cert.cert_chain_pems[0].write_to_path(str(conf / "cert.pem"))
+        cert.private_key_pem.write_to_path(str(conf / "key.pem"))
+        (conf / "key.pem").chmod(0o600)
+        submission_port = _free_port()
+        main_extra, master_extra = _submission(directory, auth_socket, submission_port)
+        main_cf += main_extra
+        master_cf += master_extra
+    (conf / "main.cf").write_text(main_cf)
+    (conf / "master.cf").write_text(master_cf)
     started = subprocess.run(
         [binary, "-c", str(conf), "start"], capture_output=True, text=True, check=False
     )
     server = Postfix(directory, port, binary, vmail.pw_uid, vmail.pw_gid)
+    server.submission_port = submission_port
     if started.returncode != 0:
         server.stop()
         raise PostfixUnavailable(f"postfix start failed:\n{started.stdout}{started.stderr}")
@@ -240,8 +283,13 @@ def _start(directory: Path, binary: str) -> Postfix:
 
 
 @contextlib.contextmanager
-def running_postfix() -> Iterator[Postfix]:
-    """Start a Postfix instance in a temporary directory; stop it and remove the directory."""
+def running_postfix(submission: tuple[Path, trustme.CA] | None = None) -> Iterator[Postfix]:
+    """Start a Postfix instance in a temporary directory; stop it and remove the directory.
+
+    ``submission`` (a Dovecot auth socket, a CA): also a submission port with implicit TLS
+    (``server.submission_port``) where only clients authenticated by that Dovecot send
+    (the OAuth2 tests: XOAUTH2 and OAUTHBEARER through Dovecot's ``oauth2`` passdb).
+    """
     binary = _postfix_binary()
     if binary is None:
         raise PostfixUnavailable("the postfix binary is missing: install the package postfix")
@@ -253,7 +301,7 @@ def running_postfix() -> Iterator[Postfix]:
         directory = Path(tempfile.mkdtemp(prefix="mailroom-postfix-"))
         directory.chmod(0o755)
         try:
-            server = _start(directory, binary)
+            server = _start(directory, binary, submission)
             break
         except PostfixUnavailable:
             _remove(directory)

@@ -222,7 +222,7 @@ async def test_smtputf8_missing_on_the_server_is_a_permanent_error(smtpd_factory
         with pytest.raises(SMTPExtensionMissing) as caught:
             await session.send("sender@example.com", ["josé@example.org"], b"x", smtputf8=True)
         assert session.usable
-    assert caught.value.code is SMTPErrorCode.EXTENSION_NOT_SUPPORTED
+    assert caught.value.code is SMTPErrorCode.SMTPUTF8_NOT_SUPPORTED
     assert not caught.value.transient
     assert "MAIL" not in smtpd.commands
 

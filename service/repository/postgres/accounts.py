@@ -23,7 +23,8 @@ _NAMES = (
     "in_username", "in_password", "out_host", "out_port", "out_security", "out_username",
     "out_password", "out_allow_insecure_auth", "leave_on_server", "delete_after_days",
     "max_message_bytes", "poll_interval_minutes", "smtp_pause_code", "smtp_pause_detail",
-    "smtp_paused_at", "created_at", "updated_at", "login_delay_s",
+    "smtp_paused_at", "created_at", "updated_at", "login_delay_s", "in_auth", "out_auth",
+    "in_token_expires_at", "out_token_expires_at",
 )  # fmt: skip
 _COLUMNS = ", ".join(_NAMES)
 _PAUSE_COLUMNS = ("smtp_pause_code", "smtp_pause_detail", "smtp_paused_at")
@@ -158,6 +159,23 @@ class PgAccountRepository:
 
     # The poll schedule (``next_poll_at``, migration 7) ------------------------------------
 
+    async def store_grant(
+        self, account_id: str, side: str, sealed: str, expires_at: datetime | None, *, was: str
+    ) -> bool:
+        """Store a refreshed OAuth2 grant if the stored one is still ``was``."""
+        if side not in ("in", "out"):
+            raise ValueError(side)
+        async with self._db.transaction() as conn:
+            status = await conn.execute(
+                f"UPDATE accounts SET {side}_password = $1, {side}_token_expires_at = $2"
+                f" WHERE id = $3 AND {side}_password = $4",
+                sealed,
+                expires_at,
+                account_id,
+                was,
+            )
+            return rowcount(status) > 0
+
     async def unscheduled(self, limit: int) -> list[Account]:
         """Polled accounts with no next poll yet (new, or their interval changed)."""
         rows = await self._db.fetch_all(
@@ -232,6 +250,7 @@ def _params(a: Account) -> tuple[object, ...]:
         r.leave_on_server, r.delete_after_days, r.max_message_bytes, r.poll_interval_minutes,
         p.code if p else None, p.detail if p else None, p.since if p else None,
         a.created_at, a.updated_at, a.login_delay_s,
+        i.auth, o.auth, i.token_expires_at, o.token_expires_at,
     )  # fmt: skip
 
 
@@ -248,6 +267,8 @@ def _account(row: Record) -> Account:
             security=Security(row["in_security"]),
             username=row["in_username"],
             password_encrypted=row["in_password"],
+            auth=row["in_auth"],
+            token_expires_at=row["in_token_expires_at"],
         ),
         outgoing=OutgoingServer(
             host=row["out_host"],
@@ -256,6 +277,8 @@ def _account(row: Record) -> Account:
             username=row["out_username"],
             password_encrypted=row["out_password"],
             allow_insecure_auth=row["out_allow_insecure_auth"],
+            auth=row["out_auth"],
+            token_expires_at=row["out_token_expires_at"],
         ),
         retrieval=RetrievalPolicy(
             leave_on_server=row["leave_on_server"],

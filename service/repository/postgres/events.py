@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from service.domain.event_emission import (
     REPORTED,
@@ -236,7 +237,8 @@ async def emit_outgoing_states(conn: asyncpg.Connection, ids: Sequence[str]) -> 
         return
     rows = await conn.fetch(
         "SELECT o.id, o.account_id, a.tenant, o.message_id, o.status, o.attempt_count,"
-        " o.next_attempt_at, o.sent_at, o.last_error_code, o.last_error_detail, o.updated_at"
+        " o.next_attempt_at, o.sent_at, o.last_error_code, o.last_error_detail, o.updated_at,"
+        " o.metadata, o.tags"
         " FROM outbox o JOIN accounts a ON a.id = o.account_id WHERE o.id = ANY($1::text[])",
         ids,
     )
@@ -265,6 +267,8 @@ async def emit_outgoing_states(conn: asyncpg.Connection, ids: Sequence[str]) -> 
             error_detail=row[9],
             at=row[10],
             recipients=recipients.get(row[0], []),
+            metadata=msgspec.json.decode(row[11], type=dict[str, str]) if row[11] else {},
+            tags=msgspec.json.decode(row[12], type=list[str]) if row[12] else [],
         )
         for row in sorted(rows, key=lambda row: order[row[0]])
     ]

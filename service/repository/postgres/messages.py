@@ -238,7 +238,18 @@ class PgMessageRepository:
         if flt.has_attachments is not None:
             where.append("m.has_attachments = ?")
             params.append(flt.has_attachments)
+        if flt.message_id is not None:
+            where.append("m.message_id = ?")
+            params.append(flt.message_id)
         condition = " AND ".join(where)
+        if flt.message_id is not None:
+            # The (account, message_id) index finds the few rows with this Message-ID.
+            rows = await self._fetch(
+                f"SELECT {_M_COLUMNS} FROM messages m WHERE m.account_id = ? AND {condition}"
+                " ORDER BY m.id DESC LIMIT ?",
+                [account_id, *params, limit + 1],
+            )
+            return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
         # The account's rows newest first, read along the (account, [has_attachments,] id)
         # index. Spelled as a range and ordered by (account, id): asyncpg prepares
         # statements, and a generic plan, blind to which account it is, would otherwise

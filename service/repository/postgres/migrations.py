@@ -294,6 +294,28 @@ ALTER INDEX messages_from_trgm SET (gin_pending_list_limit = 256);
 ALTER INDEX messages_to_trgm SET (gin_pending_list_limit = 256)
 """
 
+V11_OAUTH2 = """
+-- OAuth2 credentials (issue 14): per server, how it authenticates. With 'oauth2' the
+-- sealed secret column (in_password/out_password) holds the OAuth2 grant as sealed JSON;
+-- the access token's expiry is kept in clear.
+ALTER TABLE accounts ADD COLUMN in_auth text NOT NULL DEFAULT 'password';
+ALTER TABLE accounts ADD COLUMN out_auth text NOT NULL DEFAULT 'password';
+ALTER TABLE accounts ADD COLUMN in_token_expires_at timestamptz;
+ALTER TABLE accounts ADD COLUMN out_token_expires_at timestamptz
+"""
+
+V12_SEND_OPTIONS = """
+-- Sending like a mail client (as on SQLite): metadata (jsonb object), tags (jsonb array),
+-- NULL when none, and send_at; a GIN index answers the outbox list's tag and metadata
+-- filters (containment, @>).
+ALTER TABLE outbox ADD COLUMN metadata jsonb, ADD COLUMN tags jsonb,
+    ADD COLUMN send_at timestamptz;
+CREATE INDEX outbox_tags ON outbox USING gin (tags jsonb_path_ops) WHERE tags IS NOT NULL;
+CREATE INDEX outbox_metadata ON outbox USING gin (metadata jsonb_path_ops)
+    WHERE metadata IS NOT NULL;
+CREATE INDEX messages_message_id ON messages (account_id, message_id)
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (5, V5_SCHEMA),
     (6, V6_MESSAGE_FILTERS),
@@ -301,6 +323,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     (8, V8_TRIGRAM_PENDING_LIST),
     (9, V9_EVENTS),
     (10, V10_BOUNCES),
+    (11, V11_OAUTH2),
+    (12, V12_SEND_OPTIONS),
 ]
 
 

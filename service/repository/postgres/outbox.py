@@ -18,6 +18,8 @@ from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+import msgspec
+
 from service.codes import ErrorCode
 from service.domain.enums import OutgoingStatus, RecipientKind, RecipientStatus
 from service.domain.outbox import (
@@ -28,6 +30,7 @@ from service.domain.outbox import (
     DeliveryOutcome,
     DueAccount,
     NewOutgoing,
+    OutboxFilter,
     OutgoingError,
     OutgoingMessage,
     Recipient,
@@ -49,7 +52,7 @@ from service.repository.postgres.events import emit_outgoing_outcomes, emit_outg
 _COLUMNS = (
     "id, account_id, message_id, status, subject, size, idempotency_key, created_at,"
     " updated_at, next_attempt_at, sent_at, expires_at, attempt_count, last_error_code,"
-    " last_error_detail"
+    " last_error_detail, metadata, tags, send_at"
 )
 _PAUSED = (
     "(SELECT smtp_pause_code IS NOT NULL FROM accounts WHERE id = outbox.account_id) AS paused"
@@ -181,15 +184,19 @@ class PgOutboxRepository:
         *,
         after: str | None,
         limit: int,
+        where: OutboxFilter | None = None,
     ) -> Page[OutgoingMessage]:
         """Newest first."""
+        extra, extra_params = _filter_sql(where, first=5)
         rows = await self._db.fetch_all(
             f"SELECT {_COLUMNS}, {_PAUSED} FROM outbox WHERE account_id = $1"
-            " AND ($2::text IS NULL OR status = $2) AND id < $3 ORDER BY id DESC LIMIT $4",
+            f" AND ($2::text IS NULL OR status = $2) AND id < $3{extra}"
+            " ORDER BY id DESC LIMIT $4",
             account_id,
             None if status is None else status.value,
             after or "~",
             limit + 1,
+            *extra_params,
         )
         messages = await self._assemble(rows[:limit])
         more = len(rows) > limit and bool(messages)
@@ -567,8 +574,39 @@ class PgOutboxRepository:
 _INSERT_OUTBOX = (
     "INSERT INTO outbox (id, account_id, message_id, status, mail_from, subject, smtputf8,"
     " size, idempotency_key, request_hash, created_at, updated_at, next_attempt_at,"
-    " expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, $11, $12)"
+    " expires_at, metadata, tags, send_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
+    " $11, $11, coalesce($15::timestamptz, $11::timestamptz), $12, $13::jsonb, $14::jsonb, $15)"
 )
+
+
+def _filter_sql(where: OutboxFilter | None, *, first: int) -> tuple[str, list[Any]]:
+    """`` AND ...`` conditions for ``where``, numbering parameters from ``$first``:
+    jsonb containment (``@>``), which the GIN indexes answer."""
+    if where is None:
+        return "", []
+    sql: list[str] = []
+    params: list[Any] = []
+
+    def param(value: Any) -> str:
+        params.append(value)
+        return f"${first + len(params) - 1}"
+
+    if where.scheduled is not None and where.now is not None:
+        mark = param(where.now)
+        if where.scheduled:
+            sql.append(f" AND send_at IS NOT NULL AND send_at > {mark}")
+        else:
+            sql.append(f" AND (send_at IS NULL OR send_at <= {mark})")
+    for tag in where.tags:
+        sql.append(f" AND tags @> {param(msgspec.json.encode([tag]).decode())}::jsonb")
+    if where.metadata:
+        wanted = msgspec.json.encode(dict(where.metadata)).decode()
+        sql.append(f" AND metadata @> {param(wanted)}::jsonb")
+    return "".join(sql), params
+
+
+def _json_or_null(value: dict[str, str] | list[str]) -> str | None:
+    return msgspec.json.encode(value).decode() if value else None
 
 
 def _outbox_row(m: NewOutgoing) -> tuple[object, ...]:
@@ -585,6 +623,9 @@ def _outbox_row(m: NewOutgoing) -> tuple[object, ...]:
         m.request_hash,
         m.created_at,
         m.expires_at,
+        _json_or_null(m.metadata),
+        _json_or_null(m.tags),
+        m.send_at,
     )
 
 
@@ -631,4 +672,9 @@ def _message(row: Record, recipients: list[Recipient], attempts: list[Attempt]) 
         recipients=recipients,
         attempts=attempts,
         error=error,
+        metadata=msgspec.json.decode(row["metadata"], type=dict[str, str])
+        if row["metadata"]
+        else {},
+        tags=msgspec.json.decode(row["tags"], type=list[str]) if row["tags"] else [],
+        send_at=row["send_at"],
     )
