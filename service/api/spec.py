@@ -34,6 +34,7 @@ from litestar.typing import FieldDefinition
 
 from service.api.event_spec import add_webhooks
 from service.codes import ErrorCode
+from service.domain.outbox import RecipientText
 
 if TYPE_CHECKING:
     from litestar._openapi.schema_generation import SchemaCreator
@@ -237,7 +238,7 @@ def finalize(document: dict[str, Any]) -> dict[str, Any]:
     """The document as rendered by Litestar, finished (a new dict; the input is kept)."""
     doc = copy.deepcopy(document)
     components = doc.setdefault("components", {})
-    components["schemas"] = _plain_unions(components.get("schemas", {}))
+    components["schemas"] = _recipient_text(_plain_unions(components.get("schemas", {})))
     components["headers"] = copy.deepcopy(HEADERS)
     for item in doc.get("paths", {}).values():
         for method, operation in item.items():
@@ -310,6 +311,28 @@ def _narrow_problem(status: str, response: dict[str, Any]) -> None:
             },
         ]
     }
+
+
+#: The string form of a recipient, as msgspec states it (Litestar drops the bounds and the
+#: description of a string that is one member of a union).
+_RECIPIENT_TEXT = msgspec.json.schema(RecipientText)
+
+
+def _recipient_text(node: Any) -> Any:
+    """Every ``oneOf [string, NamedAddress]`` below ``node`` with the string form's rules."""
+    if isinstance(node, list):
+        return [_recipient_text(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _recipient_text(value) for key, value in node.items()}
+    choices = out.get("oneOf")
+    if (
+        isinstance(choices, list)
+        and {"$ref": "#/components/schemas/NamedAddress"} in choices
+        and {"type": "string"} in choices
+    ):
+        out["oneOf"] = [dict(_RECIPIENT_TEXT) if c == {"type": "string"} else c for c in choices]
+    return out
 
 
 def _plain_unions(node: Any) -> Any:

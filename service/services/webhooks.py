@@ -449,7 +449,12 @@ class WebhookService:
         self.on_change: Callable[[], None] = lambda: None
 
     async def _check_url(self, url: str) -> str:
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # e.g. an unbalanced "[" (an IPv6 literal)
+            raise Invalid(
+                "url: not a valid URL", errors=[FieldError("url", "not a valid URL")]
+            ) from None
         problems: list[FieldError] = []
         if parts.scheme not in ("http", "https") or not parts.hostname:
             problems.append(FieldError("url", "must be an absolute http or https URL"))
@@ -465,6 +470,11 @@ class WebhookService:
             raise Invalid("url: bad port", errors=[FieldError("url", "bad port")]) from None
         try:
             found = await self._sender.addresses(url)
+        except UnicodeError:
+            raise Invalid(
+                "url: the host is not a valid host name",
+                errors=[FieldError("url", "the host is not a valid host name")],
+            ) from None
         except HostNotAllowed as exc:
             raise Invalid(
                 f"url: {exc}", code="host_not_allowed", errors=[FieldError("url", str(exc))]

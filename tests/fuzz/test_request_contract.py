@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from service.domain.outbox import MAX_NAMED_ADDRESS_CHARS
 from tests.process import start, stop
 
 SPEC = json.loads((Path(__file__).resolve().parents[2] / "openapi" / "openapi.json").read_text())
@@ -134,9 +135,12 @@ def test_send_request_schema_states_the_rules_the_server_applies() -> None:
     assert schema["additionalProperties"] is False
     # "At least one of" as one `not`: the body is none of "every field of a group empty".
     groups = [set(empty["properties"]) for empty in schema["not"]["anyOf"]]
-    assert groups == [{"to", "cc", "bcc"}, {"text", "html"}]
+    # A reply takes its recipients from the message it answers.
+    assert groups == [{"to", "cc", "bcc", "reply_to_message"}, {"text", "html"}]
     assert "anyOf" not in schema and "allOf" not in schema
-    assert schema["properties"]["to"]["items"]["maxLength"] == 254
+    text, named = schema["properties"]["to"]["items"]["oneOf"]
+    assert text["type"] == "string" and text["maxLength"] == MAX_NAMED_ADDRESS_CHARS
+    assert named == {"$ref": "#/components/schemas/NamedAddress"}
     assert schema["properties"]["headers"]["propertyNames"]["maxLength"] == 76
     for name, component in SPEC["components"]["schemas"].items():
         if name.endswith(("Input", "Patch")) or name == "SendRequest":

@@ -9,6 +9,7 @@ are untouched.
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +32,11 @@ B = {"Authorization": f"Bearer {KEY_B}"}
 BODIES: dict[str, Any] = {
     "UpdateAccount": {"name": "stolen"},
     "SendMessage": {"to": ["x@example.com"], "subject": "hi", "text": "hi"},
+    "SendRawMessage": {
+        "raw_base64": base64.b64encode(
+            b"From: a@example.com\r\nTo: x@example.com\r\nSubject: hi\r\n\r\nhi\r\n"
+        ).decode()
+    },
 }
 NO_BODY = {
     "StartRetrieval",

@@ -24,6 +24,8 @@ async def test_registration_checks_the_url_and_the_event_types(
         ({"url": "https://127.0.0.1/hook", "events": ["*"]}, "host_not_allowed"),
         ({"url": "https://user:pw@example.com/hook", "events": ["*"]}, "validation_error"),
         ({"url": "ftp://example.com/hook", "events": ["*"]}, "validation_error"),
+        ({"url": "https://[N\u00d1?EY/hook", "events": ["*"]}, "validation_error"),
+        ({"url": "https://example.com:99999/hook", "events": ["*"]}, "validation_error"),
         ({"url": "https://example.com/hook", "events": ["mail.exploded"]}, "validation_error"),
         ({"url": "https://example.com/hook", "events": []}, "validation_error"),
         (
@@ -211,9 +213,11 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled(
             break
         await asyncio.sleep(0.02)
     assert got["enabled"] is False and got["disabled_reason"] == "failing"
-    attempts = await _attempts(client, hook["id"], 2)
-    assert attempts[0]["outcome"] == "failed"  # given up: past the window
-    assert {a["outcome"] for a in attempts[1:]} == {"retrying"}
+    # Newest first: the last attempt gave up (past the window), any before it were retried
+    # (how many fit in the window depends on how busy the machine is).
+    attempts = await _attempts(client, hook["id"], 1)
+    assert attempts[0]["outcome"] == "failed"
+    assert all(a["outcome"] == "retrying" for a in attempts[1:]), attempts
     for _ in range(1000):
         events = (await client.get("/v1/events", params={"types": "webhook.disabled"})).json()
         if events["items"]:
