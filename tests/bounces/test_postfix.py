@@ -24,9 +24,7 @@ from tests.servers.postfix import (
     BOUNCE_DOMAIN,
     POSTFIX_DOMAIN,
     Postfix,
-    PostfixUnavailable,
-    _postfix_binary,
-    running_bouncing_postfix,
+    bouncing_postfix_for_test,
 )
 from tests.waiting import until
 
@@ -41,13 +39,8 @@ def maildir(dovecot: Dovecot) -> Mailbox:
 
 @pytest.fixture
 def bouncing_postfix(dovecot: Dovecot, maildir: Mailbox) -> Iterator[Postfix]:
-    if _postfix_binary() is None:
-        pytest.skip("the postfix binary is missing (scripts/test.sh installs the package postfix)")
-    try:
-        with running_bouncing_postfix(dovecot.directory / "mail", maildir.user) as server:
-            yield server
-    except PostfixUnavailable as exc:  # pragma: no cover - a broken setup, shown in full
-        pytest.fail(str(exc))
+    with bouncing_postfix_for_test(dovecot.directory / "mail", maildir.user) as server:
+        yield server
 
 
 @pytest.fixture

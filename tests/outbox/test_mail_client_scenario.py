@@ -22,9 +22,7 @@ from tests.servers.dovecot import Dovecot, Mailbox
 from tests.servers.postfix import (
     POSTFIX_DOMAIN,
     Postfix,
-    PostfixUnavailable,
-    _postfix_binary,
-    running_bouncing_postfix,
+    bouncing_postfix_for_test,
 )
 from tests.servers.smtp import SMTPTLSFiles
 from tests.waiting import until
@@ -42,13 +40,8 @@ def maildir(dovecot: Dovecot) -> Mailbox:
 @pytest.fixture
 def postfix_to_dovecot(dovecot: Dovecot, maildir: Mailbox) -> Iterator[Postfix]:
     """Postfix delivering everything for its domain into ``maildir``'s Maildir."""
-    if _postfix_binary() is None:
-        pytest.skip("the postfix binary is missing (scripts/test.sh installs the package postfix)")
-    try:
-        with running_bouncing_postfix(dovecot.directory / "mail", maildir.user) as server:
-            yield server
-    except PostfixUnavailable as exc:  # pragma: no cover - a broken setup, shown in full
-        pytest.fail(str(exc))
+    with bouncing_postfix_for_test(dovecot.directory / "mail", maildir.user) as server:
+        yield server
 
 
 @pytest.fixture

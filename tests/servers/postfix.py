@@ -337,6 +337,20 @@ def postfix() -> Iterator[Postfix]:
 
 # -- a Postfix that accepts mail and bounces it later (bounce tests) -----------------------
 
+
+@contextlib.contextmanager
+def bouncing_postfix_for_test(mail_base: Path, maildir: str) -> Iterator[Postfix]:
+    """:func:`running_bouncing_postfix` for a test: skipped when Postfix is not installed,
+    failed with Postfix's own account when it cannot start."""
+    if _postfix_binary() is None:
+        pytest.skip("the postfix binary is missing (scripts/test.sh installs the package postfix)")
+    try:
+        with running_bouncing_postfix(mail_base, maildir) as server:
+            yield server
+    except PostfixUnavailable as exc:  # pragma: no cover - a broken setup, shown in full
+        pytest.fail(str(exc))
+
+
 #: Mail for this domain is accepted at RCPT, then fails in Postfix's queue: a pipe transport
 #: whose command exits 67 (EX_NOUSER), so Postfix returns a DSN (5.1.1) to the sender.
 BOUNCE_DOMAIN = "bounce.mailroom.test"
