@@ -13,7 +13,7 @@ One run, one store (``--store sqlite``, the default, or ``--store postgres``):
    a tenth of a percent of the messages carry rare words, so each filter has a rare and
    a common case.
 3. Each filter of ``GET /v1/accounts/{id}/messages`` (``subject``, ``from``, ``to``,
-   ``q``, ``since``, ``has_attachments``, combinations, a second page) is timed
+   ``q``, ``since``, ``has_attachments``, ``message_id``, combinations, a second page) is timed
    ``--repeat`` times at the repository (``page(limit=50)``, in this process) and over
    HTTP against the restarted service (``limit=50``); median and p95 in ms, for ``big``
    and, as the baseline of the same run, for ``small`` (the ratio says how much 100 times
@@ -147,6 +147,9 @@ def cases(total: int) -> list[tuple[str, dict[str, str]]]:
         ("subject + from, disjoint", {"subject": "invoice", "from": "@example.org"}),
         ("subject common, page 2", {"subject": "invoice", SECOND_PAGE: "1"}),
         ("none, page 2", {SECOND_PAGE: "1"}),
+        # An exact Message-ID, of an old message (outside any newest-first window).
+        ("message_id", {"message_id": f"<{total // 3}@bench.example>"}),
+        ("message_id none match", {"message_id": "<no-such-id@bench.example>"}),
     ]
 
 
@@ -160,6 +163,7 @@ def message_filter(params: dict[str, str]) -> MessageFilter:
         to_contains=params.get("to"),
         text_contains=params.get("q"),
         has_attachments=None if attachments is None else attachments == "true",
+        message_id=params.get("message_id"),
     )
 
 

@@ -23,7 +23,11 @@ per poll is the floor. Plain POP3 first, then implicit TLS (``--modes plain,tls`
 
 ``--profile K``: K empty polls through the retrieval service (the scheduler's trigger),
 8 at a time: CPU per poll without the profiler, then cProfile's top functions. Run it with
-``PYTHONPATH`` pointing at an older checkout to profile that code the same way.
+``PYTHONPATH`` pointing at an older checkout to profile that code the same way (run from
+that checkout's directory: this script puts its own checkout first on the path).
+Environment: ``BENCH_ROWS`` (how many functions to list, 18), ``BENCH_CUMULATIVE`` (a
+pattern: also list those functions by cumulative time), ``BENCH_CALLERS`` (a pattern: who
+calls them).
 
 The last line is machine-readable (``key=value`` pairs).
 """
@@ -289,7 +293,7 @@ async def run_profile(dovecot: Dovecot, mailboxes: list[Mailbox], polls: int) ->
         print(
             f"  cProfile of {rounds * len(accounts)} empty polls (event-loop thread), by own time:"
         )
-        stats.print_stats(18)
+        stats.print_stats(int(os.environ.get("BENCH_ROWS", "18")))
         if os.environ.get("BENCH_CUMULATIVE"):
             stats.sort_stats("cumulative").print_stats(os.environ["BENCH_CUMULATIVE"], 40)
         if os.environ.get("BENCH_CALLERS"):

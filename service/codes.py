@@ -64,6 +64,7 @@ class ErrorCode(StrEnum):
     INVALID_METADATA = "invalid_metadata"
     INVALID_TAG = "invalid_tag"
     INVALID_SEND_AT = "invalid_send_at"
+    CONFLICTING_FIELDS = "conflicting_fields"
     EXPIRED = "expired"
     # Mail servers (POP3 and SMTP alike)
     HOST_UNRESOLVABLE = "host_unresolvable"
@@ -148,6 +149,8 @@ DESCRIPTIONS: dict[ErrorCode, str] = {
     ErrorCode.INVALID_TAG: "422: a tag with forbidden characters or length, or too many tags",
     ErrorCode.INVALID_SEND_AT: "422: `send_at` without a time zone or beyond"
     " `MAILROOM_SEND_AT_HORIZON`",
+    ErrorCode.CONFLICTING_FIELDS: "422: fields that exclude each other (`reply_to_message` and"
+    " `forward_message`)",
     ErrorCode.EXPIRED: "not delivered before the retry schedule or the message age ran out",
     ErrorCode.HOST_UNRESOLVABLE: "the server's host name does not resolve",
     ErrorCode.CONNECT_FAILED: "the TCP connection was refused or unreachable",

@@ -129,7 +129,8 @@ SEND_ERRORS = {
         " subject, name or header value), `protected_header`, `invalid_header_name`,"
         " `duplicate_header`, `too_many_recipients`, `no_recipients`, `no_body`,"
         " `invalid_base64`, `invalid_attachment`, `invalid_body`, `too_long`, `too_many`,"
-        " `invalid_metadata`, `invalid_tag`, `invalid_send_at`",
+        " `invalid_metadata`, `invalid_tag`, `invalid_send_at`, `conflicting_fields`"
+        " (`reply_to_message` with `forward_message`)",
         *SEND_INPUT_CODES,
     ),
 }

@@ -33,6 +33,7 @@ from service.api.requests import TIMESTAMP_PATTERN, parse_timestamp
 from service.api.schemas import MessageDetail, MessageSummaryList, RetrievalList
 from service.codes import ErrorCode
 from service.domain.retrievals import MessageFilter, Retrieval
+from service.domain.threads import THREAD_ID_PATTERN
 from service.mail.parse import safe_content_disposition
 from service.services.retrieval import CANCEL_WAIT_S, MAX_WAIT_S
 
@@ -158,9 +159,13 @@ class MessageController(Controller):
 
     @get(
         operation_id="ListMessages",
-        summary="List stored messages, newest first",
+        summary="List stored messages, newest first, or one conversation oldest first",
         description="Summaries of the messages in the local store, newest first, filtered by"
-        " the query; follow `next_cursor` for the next page.",
+        " the query; follow `next_cursor` for the next page. With `thread_id`: the whole"
+        " conversation oldest first (by `Date`, then arrival, then id), the account's own"
+        " outgoing messages of it included (`direction: sent`, `id` `out_...`; cancelled"
+        " and failed ones left out); the other filters apply to both (`since`: the time"
+        " a sent copy was accepted).",
         responses={**COMMON_ERRORS, **NOT_FOUND},
     )
     async def list_messages(
@@ -204,6 +209,14 @@ class MessageController(Controller):
                 " brackets, e.g. `<abc@example.org>`)",
             ),
         ] = None,
+        thread_id: Annotated[
+            str | None,
+            QueryParameter(
+                pattern=THREAD_ID_PATTERN,
+                description="Only this conversation (a message's `thread_id`, `thr_` and 24"
+                " hex digits), oldest first, sent copies included",
+            ),
+        ] = None,
     ) -> MessageSummaryList:
         flt = MessageFilter(
             since=parse_timestamp(since, "since"),
@@ -213,6 +226,7 @@ class MessageController(Controller):
             text_contains=q,
             has_attachments=has_attachments,
             message_id=message_id,
+            thread_id=thread_id,
         )
         page = await messages.page(tenant, account_id, flt, after=after_of(cursor), limit=limit)
         return list_response(MessageSummaryList, page, lambda m: m)

@@ -226,7 +226,7 @@ class RetrievalList(ListResponse[Retrieval], frozen=True):
 
 
 class MessageSummaryList(ListResponse[MessageSummary], frozen=True):
-    """A page of stored messages, newest first."""
+    """A page of stored messages, newest first (a thread: oldest first, sent copies too)."""
 
     items: list[MessageSummary]
 

@@ -49,13 +49,14 @@ def messages_received(
                 MessageReceived(
                     message_id=s.id,
                     retrieval_id=retrieval_id,
-                    uidl=s.uidl,
+                    uidl=s.uidl or "",  # every stored message has one
                     internet_message_id=s.message_id,
                     from_=s.from_,
                     subject=s.subject,
                     date=s.date,
                     size=s.size,
                     has_attachments=s.has_attachments,
+                    thread_id=s.thread_id,
                 )
             ),
         )

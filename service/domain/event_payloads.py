@@ -23,6 +23,7 @@ class MessageReceived(msgspec.Struct, frozen=True, kw_only=True):
     date: datetime | None
     size: int
     has_attachments: bool
+    thread_id: str | None = None  # its conversation (GET .../messages?thread_id=)
 
 
 class RetrievalEnded(msgspec.Struct, frozen=True, kw_only=True):

@@ -17,6 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from service.domain.enums import OutgoingStatus, RecipientKind, RecipientStatus
+from service.domain.threads import thread_id_of
 from service.mail import addresses as mail_addresses
 from service.mail import headers as mail_headers
 from service.mail.compose import MAX_CONTENT_ID_CHARS
@@ -179,6 +180,13 @@ SendAtInput = Annotated[
 ]
 
 
+class ForwardAs(StrEnum):
+    """How ``forward_message`` carries the original."""
+
+    ATTACHMENT = "attachment"  # a message/rfc822 part, the stored bytes unchanged
+    INLINE = "inline"  # its bodies quoted below the caller's, its attachments attached again
+
+
 class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Body of SendMessage. From is the account's own address and display name."""
 
@@ -186,7 +194,7 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     # is not null (422 `no_body`). The OpenAPI schema states them (service.api.requests).
     at_least_one_of: ClassVar[tuple[tuple[str, ...], ...]] = (
         ("to", "cc", "bcc", "reply_to_message"),
-        ("text", "html"),
+        ("text", "html", "forward_message"),
     )
 
     to: AddressList = msgspec.field(default_factory=list)
@@ -206,7 +214,8 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
                 max_length=MAX_SUBJECT_CHARS,
                 description="No CR, LF, control characters or line separators (422"
                 " `header_injection`, never stripped); may be empty. Required, except with"
-                " `reply_to_message` (default: `Re: ` and the original's subject)",
+                " `reply_to_message` (default: `Re: ` and the original's subject) and"
+                " `forward_message` (default: `Fwd: ` and the original's subject)",
             ),
         ]
         | None
@@ -228,6 +237,27 @@ class SendRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
             " recipients (in `cc`), leaving out this account's own address"
         ),
     ] = False
+    forward_message: Annotated[
+        str | None,
+        Meta(
+            description="A stored message (`msg_...`) of this account to forward (not with"
+            " `reply_to_message`: 422 `conflicting_fields`): the subject is `Fwd: ` and the"
+            " original's subject unless given, `References` threads it with the original (no"
+            " `In-Reply-To`), `text` and `html` are optional; recipients are required. 404"
+            " `not_found` when there is no such message",
+            examples=["msg_01h..."],
+        ),
+    ] = None
+    forward_as: Annotated[
+        ForwardAs | None,
+        Meta(
+            description="With `forward_message`: `attachment` (the default) attaches the"
+            " original unchanged as `message/rfc822` (422 `too_long` or `invalid_body` for one"
+            " with a line over 998 octets or a NUL byte, which SMTP cannot carry so);"
+            " `inline` quotes its bodies below yours after a `Forwarded message` block (its"
+            " From, Date, Subject, To, Cc) and attaches its attachments again"
+        ),
+    ] = None
     text: str | None = None
     html: str | None = None
     attachments: Annotated[list[AttachmentInput], Meta(max_length=MAX_ATTACHMENTS)] = msgspec.field(
@@ -333,6 +363,9 @@ class Recipient(msgspec.Struct, frozen=True, kw_only=True):
     delivery status notification that reported it undeliverable afterwards, if any)."""
 
     address: str
+    name: Annotated[
+        str | None, Meta(description="The display name it was sent with (null: none)")
+    ] = None
     kind: RecipientKind
     status: RecipientStatus
     smtp_code: int | None = None
@@ -383,11 +416,20 @@ class OutgoingMessage(msgspec.Struct, frozen=True, kw_only=True):
         datetime | None,
         Meta(description="When delivery was asked to start (`send_at` of the request, UTC)"),
     ] = None
+    thread_id: Annotated[
+        str | None,
+        Meta(
+            description="The conversation this message belongs to (`thr_...`), from its own"
+            " `References`, `In-Reply-To` and `Message-ID` as a stored message's; lists it"
+            " among the stored messages at `GET .../messages?thread_id=`"
+        ),
+    ] = None
 
 
 class NewRecipient(msgspec.Struct, frozen=True):
     address: str
     kind: RecipientKind
+    name: str | None = None  # the display name in its header (never for Bcc)
 
 
 class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
@@ -408,6 +450,15 @@ class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     tags: list[str] = msgspec.field(default_factory=list)
     send_at: datetime | None = None  # only when later than created_at
+    thread_id: str | None = None  # set by the sending service before it is accepted
+    # The root its headers name, when not itself: the sending service looks it up (a
+    # stored or sent root may have joined an older thread). Not stored.
+    thread_root: str | None = None
+
+    @property
+    def thread(self) -> str:
+        """Its thread as stored: as given, else named after its own Message-ID."""
+        return self.thread_id or thread_id_of(self.message_id)
 
     @property
     def due_at(self) -> datetime:
@@ -431,7 +482,9 @@ class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
             attempt_count=0,
             idempotency_key=self.idempotency_key,
             recipients=[
-                Recipient(address=r.address, kind=r.kind, status=RecipientStatus.PENDING)
+                Recipient(
+                    address=r.address, name=r.name, kind=r.kind, status=RecipientStatus.PENDING
+                )
                 for r in self.recipients
             ],
             attempts=[],
@@ -439,6 +492,7 @@ class NewOutgoing(msgspec.Struct, frozen=True, kw_only=True):
             metadata=self.metadata,
             tags=self.tags,
             send_at=self.send_at,
+            thread_id=self.thread,
         )
 
 

@@ -146,6 +146,8 @@ class ComposedMessage:
     to: tuple[str, ...] = ()  # normalized, as given (for per-recipient records)
     cc: tuple[str, ...] = ()
     bcc: tuple[str, ...] = ()
+    # Display names of the To and Cc recipients that have one, by normalized address.
+    names: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -240,6 +242,7 @@ def _compose(draft: Draft, *, allow_simple: bool) -> ComposedMessage:
         to=tuple(a.addr_spec for a, _ in to),
         cc=tuple(a.addr_spec for a, _ in cc),
         bcc=tuple(a.addr_spec for a, _ in bcc),
+        names={a.addr_spec: name for a, name in (*cc, *to) if name},
     )
 
 

@@ -3,8 +3,8 @@
 Entry points (pure functions over the raw bytes as stored, no I/O):
 
 - :func:`summarize` reads only the header section: From, To, Cc, Subject, Date,
-  Message-ID and a header-only ``has_attachments`` hint. It is what ingest pays per
-  message, so it never builds a MIME tree.
+  Message-ID, In-Reply-To, References and a header-only ``has_attachments`` hint. It is
+  what ingest pays per message, so it never builds a MIME tree.
 - :func:`parse` walks the whole MIME tree with the stdlib ``email`` package (``compat32``
   policy, which tolerates malformed input and keeps raw 8-bit bytes recoverable) and
   returns the headers, the text and HTML bodies decoded to Unicode, the attachment list
@@ -65,11 +65,19 @@ from urllib.parse import quote
 
 import msgspec
 
+from service.domain.threads import trimmed
+
 MAX_HEADER_BYTES: Final = 256 * 1024
 """How far :func:`summarize` looks for the end of the header section."""
 
 MAX_HEADERS: Final = 500
 """Header fields read per message (summary) or listed (parsed view)."""
+
+MAX_REFERENCES: Final = 100
+"""Msg-ids of References kept in a summary: the first (the thread's root) and the newest."""
+
+MAX_MSG_ID_CHARS: Final = 998
+"""Longest msg-id kept from In-Reply-To and References (a header line's limit)."""
 
 MAX_PARTS: Final = 1000
 """MIME parts (containers and leaves) walked per message; the rest are not listed."""
@@ -177,8 +185,10 @@ class MessageSummary(msgspec.Struct, frozen=True, kw_only=True):
 
     Addresses are decoded display strings (``Jörg Müller <joerg@example.de>``), the
     subject is RFC 2047 decoded, ``date`` is an aware UTC datetime (a date without a
-    zone is taken as UTC), ``message_id`` keeps its angle brackets. Absent or unreadable
-    fields are ``None`` or empty.
+    zone is taken as UTC), ``message_id`` keeps its angle brackets, as do ``in_reply_to``
+    (the first msg-id of In-Reply-To) and ``references`` (the msg-ids of References in
+    order, at most :data:`MAX_REFERENCES`: the first and the newest). Absent or
+    unreadable fields are ``None`` or empty.
     """
 
     from_: str | None = msgspec.field(default=None, name="from")
@@ -187,6 +197,8 @@ class MessageSummary(msgspec.Struct, frozen=True, kw_only=True):
     subject: str | None = None
     date: datetime | None = None
     message_id: str | None = None
+    in_reply_to: str | None = None
+    references: tuple[str, ...] = ()
     has_attachments: bool = False
 
 
@@ -407,7 +419,7 @@ def _header_section(raw: bytes) -> _HeaderSection:
 
 _SUMMARY_FIELDS: Final = frozenset(
     {b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"content-type"}
-    | {b"content-disposition"}
+    | {b"content-disposition", b"in-reply-to", b"references"}
 )
 
 
@@ -474,6 +486,8 @@ def _summarize(raw: bytes) -> MessageSummary:
         subject=None if subject is None else _decode_header_value(subject),
         date=_date(first(b"date")),
         message_id=_message_id(first(b"message-id")),
+        in_reply_to=next(iter(msg_ids(first(b"in-reply-to"))), None),
+        references=references_of(first(b"references")),
         has_attachments=_has_attachments_hint(
             first(b"content-type"), first(b"content-disposition")
         ),
@@ -581,6 +595,23 @@ def _message_id(value: str | None) -> str | None:
     text = _without_controls(_eight_bit(_unfold(value))).strip()
     found = _MESSAGE_ID.search(text)
     return (found[0] if found else text) or None
+
+
+def msg_ids(value: str | None) -> list[str]:
+    """The ``<...>`` msg-ids of a threading header, in order (comments and junk between
+    them dropped, as mail clients do)."""
+    if not value:
+        return []
+    return [
+        found
+        for found in _MESSAGE_ID.findall(_unfold(value))
+        if 2 < len(found) <= MAX_MSG_ID_CHARS and found.isprintable() and found.isascii()
+    ]
+
+
+def references_of(value: str | None) -> tuple[str, ...]:
+    """The msg-ids of a References value as a summary keeps them."""
+    return tuple(trimmed(msg_ids(value), MAX_REFERENCES))
 
 
 # --- Header value decoding ----------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from email import policy as email_policy
 from email.errors import HeaderParseError
@@ -53,6 +53,8 @@ class RawMessage:
     subject: str
     message_id: str
     smtputf8: bool
+    # Display names in the To and Cc headers, by normalized address (those that have one).
+    names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -117,6 +119,12 @@ def prepare_raw(
     parsed: dict[str, list[Address]] = {
         name: _addresses(by_name[name][0]) if name in by_name else [] for name in _ADDRESS_FIELDS
     }
+    names = {
+        address: name
+        for header in ("cc", "to")
+        if header in by_name
+        for address, name in _display_names(by_name[header][0])
+    }
     kinds: dict[str, str] = {}
     for name in _ADDRESS_FIELDS:
         for address in parsed[name]:
@@ -163,6 +171,7 @@ def prepare_raw(
         subject=subject,
         message_id=message_id,
         smtputf8=utf8_headers or smtputf8_envelope or sender.smtputf8,
+        names=names,
     )
 
 
@@ -228,6 +237,16 @@ def _addresses(item: _Field) -> list[Address]:
     found: list[Address] = []
     for index, mailbox in enumerate(getattr(header, "addresses", ())):
         found.append(parse_address(mailbox.addr_spec, field=f"{field}[{index}]"))
+    return found
+
+
+def _display_names(item: _Field) -> list[tuple[str, str]]:
+    """(normalized address, display name) of the mailboxes of a checked address field
+    that have a name."""
+    found = []
+    for mailbox in getattr(_header(item), "addresses", ()):
+        if mailbox.display_name:
+            found.append((parse_address(mailbox.addr_spec).addr_spec, mailbox.display_name))
     return found
 
 

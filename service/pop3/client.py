@@ -260,9 +260,11 @@ class _Channel(asyncio.Protocol):
             waiter = loop.create_future()
             self._waiter = waiter
             started = loop.time()
+            # A timer on the waiter itself rather than ``asyncio.timeout``: no context
+            # manager and no cancelling of the task, for every reply of every session.
+            timer = loop.call_at(started + max(bound, 0.0), _time_out, waiter)
             try:
-                async with asyncio.timeout(max(bound, 0.0)):
-                    await waiter
+                await waiter
                 arrived = True
             except TimeoutError:
                 if by_deadline:
@@ -273,6 +275,7 @@ class _Channel(asyncio.Protocol):
                     ) from None
                 arrived = False
             finally:
+                timer.cancel()
                 self._waiter = None
                 self._waited += loop.time() - started
             self._check_rate()
@@ -401,6 +404,8 @@ class POP3Client:
         self._greeting: str | None = None
         self._capabilities: Capabilities | None = None
         self._sizes: dict[int, int] | None = None
+        # Whether a DELE was sent since login (or RSET): QUIT then commits something.
+        self._marked = False
 
     def __repr__(self) -> str:
         return f"POP3Client({self.host}:{self.port}, {self.security.value})"
@@ -733,6 +738,7 @@ class POP3Client:
         async with self._operation():
             core = self._core
             assert core is not None
+            self._marked = True
             window = self._window if core.pipelining else 1
             refused: list[tuple[int, Err]] = []
             for start in range(0, len(wanted), window):
@@ -759,6 +765,7 @@ class POP3Client:
         """RSET: unmark every message marked deleted in this session."""
         async with self._operation():
             self._expect_ok(await self._single(Command.rset()))
+            self._marked = False
 
     async def noop(self) -> None:
         """NOOP: keep the session alive / check that the server answers."""
@@ -786,10 +793,40 @@ class POP3Client:
                     response_code=event.response_code,
                 )
 
+    def quit_nowait(self) -> None:
+        """Send QUIT and close, without waiting for the reply: for a session that marked
+        nothing deleted, whose QUIT has nothing to commit (and a session that ends without
+        QUIT deletes nothing either). The connection closes once QUIT is written. After a
+        DELE this only closes the connection (no QUIT: nothing is deleted); use
+        :meth:`quit` to commit deletions."""
+        channel, core = self._channel, self._core
+        if (
+            self._marked
+            or not self.usable
+            or self._lock.locked()
+            or self._stream is not None
+            or core is None
+            or core.state is not State.TRANSACTION
+            or channel is None
+            or channel.transport is None
+        ):
+            self.close()
+            return
+        try:
+            self._write(self._send(Command.quit()))
+        except (POP3Error, LocalProtocolError):
+            self.close()
+            return
+        channel.transport.close()  # after the buffered QUIT is written
+
     def close(self) -> None:
         """Close the connection at once, without QUIT: nothing is deleted."""
         channel = self._channel
-        if channel is not None and channel.transport is not None:
+        if (
+            channel is not None
+            and channel.transport is not None
+            and not channel.transport.is_closing()
+        ):
             channel.transport.abort()
         if self._broken is None and self._core is not None and self._core.state is not State.CLOSED:
             self._broken = POP3ConnectionLost("the connection was closed")
@@ -1122,6 +1159,12 @@ _EVENT_NAMES: dict[type[Event], str] = {
     ResponseData: "multi-line data",
     ResponseEnd: "the end of a multi-line reply",
 }
+
+
+def _time_out(waiter: asyncio.Future[None]) -> None:
+    """End a wait for data that took too long (the waiter raises ``TimeoutError``)."""
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
 
 
 def _b64(raw: bytes) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 import aiosqlite
 
+from service.domain.threads import SQLITE_FUNCTION, thread_id_of
 from service.repository.errors import (
     DuplicateError,
     RepositoryError,
@@ -193,6 +194,8 @@ class Database:
         conn.row_factory = sqlite3.Row
         await conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         await conn.execute("PRAGMA foreign_keys=ON")
+        # Migration 13 names old rows' threads with the service's own digest.
+        await conn.create_function(SQLITE_FUNCTION, 1, thread_id_of, deterministic=True)
         return conn
 
     async def close(self) -> None:

@@ -47,6 +47,7 @@ PENDING = "pending"
 CURSOR_PREFIX = "e1."
 CURSOR_PATTERN = r"^e1\.[0-9]{1,20}\.[0-9]{1,20}$(?!\n)"
 _CURSOR_RE = re.compile(CURSOR_PATTERN)
+MAX_CURSOR_PART = 2**63 - 1  # both parts are 64-bit signed integers in the stores
 
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
@@ -69,8 +70,10 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
     """(xid, position) of a cursor; :class:`InvalidEventCursor` for one not issued here."""
     if not _CURSOR_RE.match(cursor):
         raise InvalidEventCursor("cursor is not one this service issued")
-    xid, position = cursor[len(CURSOR_PREFIX) :].split(".")
-    return int(xid), int(position)
+    xid, position = (int(part) for part in cursor[len(CURSOR_PREFIX) :].split("."))
+    if xid > MAX_CURSOR_PART or position > MAX_CURSOR_PART:  # no store counts that far
+        raise InvalidEventCursor("cursor is not one this service issued")
+    return xid, position
 
 
 def subscribe_committed(callback: Callable[[str], None]) -> Callable[[], None]:

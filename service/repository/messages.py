@@ -9,16 +9,25 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-from collections.abc import Iterable, Sequence
+import string
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Protocol
 
 import aiosqlite
 import msgspec
 
-from service.domain.enums import ServerMessageState
-from service.domain.retrievals import MessageFilter, MessageSummary, NewMessage, RetrievalProgress
+from service.domain.enums import OutgoingStatus, ServerMessageState
+from service.domain.retrievals import (
+    MessageDirection,
+    MessageFilter,
+    MessageSummary,
+    NewMessage,
+    RetrievalProgress,
+)
+from service.domain.threads import ThreadPosition, root_to_look_up, thread_id_for, thread_id_of
 from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
+from service.mail.parse import summarize
 from service.repository.bounces import mark_dsn_candidates
 from service.repository.database import Database
 from service.repository.events import emit_messages_received
@@ -27,7 +36,7 @@ from service.repository.retrievals import update_progress
 
 _COLUMNS = (
     "id, account_id, uidl, size, retrieved_at, message_id, from_addr, to_json, cc_json,"
-    " subject, date, has_attachments"
+    " subject, date, has_attachments, in_reply_to, references_json, thread_id"
 )
 _M_COLUMNS = ", ".join(f"m.{c.strip()}" for c in _COLUMNS.split(","))
 _LIST_DECODER = msgspec.json.Decoder(list[str])
@@ -42,6 +51,10 @@ MAX_VARIABLES = 32766
 # The trigram index finds substrings of at least this many characters; a shorter one
 # matches so many rows that reading newest first is the fast plan anyway.
 TRIGRAM = 3
+# A sent copy in a thread list is summarized from this much of its start (its headers).
+SENT_HEAD_BYTES = 64 * 1024
+# Outgoing messages a thread list leaves out: they were never sent.
+UNSENT_STATUSES = (OutgoingStatus.CANCELLED.value, OutgoingStatus.FAILED.value)
 
 
 class FilterColumn(enum.Enum):
@@ -100,6 +113,167 @@ def fts_match(flt: MessageFilter) -> str | None:
         names = "subject from_addr to_json" if column is FilterColumn.TEXT else column.value
         terms.append(f"{{{names}}} : {phrase}")
     return " AND ".join(terms) or None
+
+
+def with_threads(messages: Sequence[NewMessage]) -> list[NewMessage]:
+    """``messages``, each with its thread named (from its own headers) when not given."""
+    return [
+        m
+        if m.summary.thread_id is not None
+        else msgspec.structs.replace(
+            m, summary=msgspec.structs.replace(m.summary, thread_id=thread_of(m.summary))
+        )
+        for m in messages
+    ]
+
+
+def roots_to_look_up(messages: Sequence[NewMessage]) -> list[str]:
+    """The roots (Message-IDs) whose stored thread messages of a batch join if known."""
+    found = (
+        root_to_look_up(m.summary.message_id, m.summary.in_reply_to, m.summary.references)
+        for m in messages
+    )
+    return sorted({root for root in found if root is not None})
+
+
+def join_roots(messages: Sequence[NewMessage], stored: dict[str, str]) -> list[NewMessage]:
+    """``messages``, each in its root's thread when the root is known: ``stored``
+    (Message-ID -> thread of a stored or sent message) or an earlier message of the
+    batch (see :func:`service.domain.threads.root_to_look_up`)."""
+    known = dict(stored)
+    joined: list[NewMessage] = []
+    for message in messages:
+        summary = message.summary
+        root = root_to_look_up(summary.message_id, summary.in_reply_to, summary.references)
+        thread = known.get(root) if root is not None else None
+        if thread is not None and thread != summary.thread_id:
+            summary = msgspec.structs.replace(summary, thread_id=thread)
+            message = msgspec.structs.replace(message, summary=summary)
+        if summary.message_id is not None and summary.thread_id is not None:
+            known.setdefault(summary.message_id, summary.thread_id)
+        joined.append(message)
+    return joined
+
+
+def thread_moves(messages: Sequence[NewMessage]) -> list[tuple[str, str]]:
+    """``(thread, provisional thread)`` for each message of a batch whose thread is not
+    the one named after itself: messages stored or sent before it that took it as their
+    root (a reply that arrived first) wait in the provisional one, named after it; they
+    move to its thread."""
+    moves = []
+    for m in messages:
+        own, thread = m.summary.message_id, m.summary.thread_id
+        if own is not None and thread is not None and thread != thread_id_of(own):
+            moves.append((thread, thread_id_of(own)))
+    return moves
+
+
+def thread_of(summary: MessageSummary) -> str:
+    """The stored thread: as given, else named from the summary's own headers."""
+    return summary.thread_id or thread_id_for(
+        summary.message_id, summary.in_reply_to, summary.references, summary.id
+    )
+
+
+def received_position(summary: MessageSummary) -> ThreadPosition:
+    return ThreadPosition(summary.date or summary.retrieved_at, summary.retrieved_at, summary.id)
+
+
+def sent_copy(
+    *,
+    outgoing_id: str,
+    account_id: str,
+    message_id: str,
+    subject: str,
+    size: int,
+    created_at: datetime,
+    thread_id: str | None,
+    head: bytes,
+) -> tuple[ThreadPosition, MessageSummary]:
+    """A thread list's item for one of the account's outgoing messages, from the start of
+    its bytes as composed (the header section: Bcc is never in it)."""
+    parsed = summarize(head)
+    return ThreadPosition(created_at, created_at, outgoing_id), MessageSummary(
+        id=outgoing_id,
+        account_id=account_id,
+        uidl=None,
+        size=size,
+        retrieved_at=created_at,
+        message_id=message_id,
+        from_=parsed.from_,
+        to=list(parsed.to),
+        cc=list(parsed.cc),
+        subject=parsed.subject if parsed.subject is not None else subject,
+        date=parsed.date,
+        has_attachments=parsed.has_attachments,
+        in_reply_to=parsed.in_reply_to,
+        references=list(parsed.references),
+        thread_id=thread_id,
+        direction=MessageDirection.SENT,
+    )
+
+
+# The thread list reads this many items of each kind per round when other filters are
+# given (one round of limit + 1 without them).
+THREAD_ROUND = 200
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+ThreadItem = tuple[ThreadPosition, MessageSummary]
+ThreadReader = Callable[[ThreadPosition | None, int], Awaitable[list[ThreadItem]]]
+
+
+def thread_item_matches(summary: MessageSummary, flt: MessageFilter) -> bool:
+    """Whether a thread's item passes the list's other filters, as the SQL of the plain
+    list decides them (substrings ignore ASCII case; ``since`` is the retrieval time, or
+    the acceptance time of a sent copy)."""
+    if flt.since is not None and summary.retrieved_at < flt.since:
+        return False
+    if flt.has_attachments is not None and summary.has_attachments != flt.has_attachments:
+        return False
+    if flt.message_id is not None and summary.message_id != flt.message_id:
+        return False
+    for column, needle in substring_filters(flt):
+        folded = needle.translate(_ASCII_LOWER)
+        fields: list[str | None] = []
+        if column in (FilterColumn.SUBJECT, FilterColumn.TEXT):
+            fields.append(summary.subject)
+        if column in (FilterColumn.FROM, FilterColumn.TEXT):
+            fields.append(summary.from_)
+        if column in (FilterColumn.TO, FilterColumn.TEXT):
+            fields.extend(summary.to)
+        if not any(value and folded in value.translate(_ASCII_LOWER) for value in fields):
+            return False
+    return True
+
+
+async def collect_thread_page(
+    received: ThreadReader,
+    sent: ThreadReader,
+    flt: MessageFilter,
+    after: str | None,
+    limit: int,
+) -> Page[MessageSummary]:
+    """One page of a thread, oldest first: received messages and sent copies (each read
+    oldest first after a position) merged, the other filters applied, in rounds until
+    the page is full or the thread ends."""
+    position = None if after is None else ThreadPosition.of_key(after)
+    size = limit + 1 if not flt.narrows_besides_thread else max(limit + 1, THREAD_ROUND)
+    found: list[ThreadItem] = []
+    while True:
+        merged = sorted(
+            await received(position, size) + await sent(position, size),
+            key=lambda pair: (pair[0].at, pair[0].arrival, pair[0].id),
+        )[:size]
+        for item in merged:
+            if thread_item_matches(item[1], flt):
+                found.append(item)
+                if len(found) > limit:
+                    break
+        if len(found) > limit or len(merged) < size:
+            break
+        position = merged[-1][0]
+    page = page_of(found, limit, key=lambda pair: pair[0].key())
+    return Page(items=[m for _, m in page.items], next_after=page.next_after)
 
 
 class KnownUidl(msgspec.Struct, frozen=True):
@@ -201,22 +375,24 @@ class SQLiteMessageRepository:
         knows 100,000 costs no memory for them.
         """
         # One JSON array parameter, joined by key (json_each): no temporary table to
-        # create and drop, and no statement per UIDL. A read: no write lock taken.
+        # create and drop, and no statement per UIDL. A read: no write lock taken. The
+        # count of known UIDLs comes in the same statement (its first row, uidl NULL): one
+        # round trip to the reader's thread, which is most of what an empty poll asks.
         server = msgspec.json.encode(list(listed)).decode()
         until = None if delete_seen_until is None else to_text(delete_seen_until)
         rows = await self._db.fetch_all(
-            "SELECT j.value, s.uidl IS NULL FROM json_each(?2) j"
+            "SELECT NULL, count(*) FROM server_messages WHERE account_id = ?1"
+            " UNION ALL"
+            " SELECT j.value, s.uidl IS NULL FROM json_each(?2) j"
             " LEFT JOIN server_messages s ON s.account_id = ?1 AND s.uidl = j.value"
             " WHERE s.uidl IS NULL"
             " OR (s.state = ?3 AND (?4 OR s.seen_at <= ?5))",
             (account_id, server, ServerMessageState.STORED.value, delete_stored, until),
         )
-        new = frozenset(str(row[0]) for row in rows if row[1])
-        deletable = frozenset(str(row[0]) for row in rows if not row[1])
-        known = await self._db.fetch_one(
-            "SELECT count(*) FROM server_messages WHERE account_id = ?", (account_id,)
-        )
-        unlisted = (int(known[0]) if known else 0) - (len(set(listed)) - len(new))
+        known = next((int(row[1]) for row in rows if row[0] is None), 0)
+        new = frozenset(str(row[0]) for row in rows if row[0] is not None and row[1])
+        deletable = frozenset(str(row[0]) for row in rows if row[0] is not None and not row[1])
+        unlisted = known - (len(set(listed)) - len(new))
         return UidlComparison(new=new, deletable=deletable, unlisted=max(unlisted, 0))
 
     async def forget_unlisted(
@@ -246,6 +422,7 @@ class SQLiteMessageRepository:
     ) -> None:
         """Commit messages with their UIDLs and the retrieval's progress, durably."""
         async with self._db.transaction(durable=True) as conn:
+            messages = await _join_threads(conn, account_id, messages)
             # A UIDL stored twice would break the unique index and roll back the batch:
             # the retrieval then fails and deletes nothing (it cannot happen while the
             # store allows one active retrieval per account and skips known UIDLs).
@@ -267,6 +444,13 @@ class SQLiteMessageRepository:
                 "INSERT INTO message_bodies (message_id, raw)",
                 [(m.summary.id, m.raw) for m in messages],
             )
+            if moves := thread_moves(messages):
+                # Each through its table's (account, thread) index; usually nothing waits.
+                for table in ("messages", "outbox"):
+                    await conn.executemany(
+                        f"UPDATE {table} SET thread_id = ? WHERE account_id = ? AND thread_id = ?",
+                        [(thread, account_id, old) for thread, old in moves],
+                    )
             # Possible DSNs, linked to what they report after the commit (bounces).
             await mark_dsn_candidates(conn, messages)
             await _insert_rows(
@@ -311,7 +495,12 @@ class SQLiteMessageRepository:
         Two exact plans, cheapest first: scan the newest ``SCAN_WINDOW`` rows (a filter
         that matches often fills the page there), else go through an index to the few
         rows that match (the trigram index for substrings, ``retrieved_at`` for ``since``).
+
+        With ``thread_id``: the thread oldest first, sent copies merged, other filters
+        applied to both (:func:`collect_thread_page`).
         """
+        if flt.thread_id is not None:
+            return await self._thread_page(account_id, flt, after, limit)
         where = ["m.account_id = ?", "m.id < ?"]
         params: list[object] = [account_id, after or "~"]
         if flt.since is not None:
@@ -379,6 +568,56 @@ class SQLiteMessageRepository:
                 )
         return page_of([_summary(row) for row in rows], limit, key=lambda m: m.id)
 
+    async def _thread_page(
+        self, account_id: str, flt: MessageFilter, after: str | None, limit: int
+    ) -> Page[MessageSummary]:
+        """The thread's received messages and sent copies, each read through its
+        (account, thread) index oldest first, merged."""
+        assert flt.thread_id is not None
+        thread = (account_id, flt.thread_id)
+
+        async def received(start: ThreadPosition | None, count: int) -> list[ThreadItem]:
+            later, params = "", list(thread)
+            if start is not None:
+                later = " AND (coalesce(m.date, m.retrieved_at), m.retrieved_at, m.id) > (?, ?, ?)"
+                params += [to_text(start.at), to_text(start.arrival), start.id]
+            rows = await self._db.fetch_all(
+                f"SELECT {_M_COLUMNS} FROM messages m INDEXED BY messages_thread"
+                f" WHERE m.account_id = ? AND m.thread_id = ?{later}"
+                " ORDER BY coalesce(m.date, m.retrieved_at), m.retrieved_at, m.id LIMIT ?",
+                (*params, count),
+            )
+            return [(received_position(m), m) for m in map(_summary, rows)]
+
+        async def sent(start: ThreadPosition | None, count: int) -> list[ThreadItem]:
+            later, params = "", [*thread, *UNSENT_STATUSES]
+            if start is not None:
+                later = " AND (o.created_at, o.created_at, o.id) > (?, ?, ?)"
+                params += [to_text(start.at), to_text(start.arrival), start.id]
+            rows = await self._db.fetch_all(
+                "SELECT o.id, o.message_id, o.subject, o.size, o.created_at, o.thread_id,"
+                " substr(b.raw, 1, ?) AS head FROM outbox o INDEXED BY outbox_thread"
+                " JOIN outbox_bodies b ON b.outgoing_id = o.id WHERE o.account_id = ?"
+                f" AND o.thread_id = ? AND o.status NOT IN (?, ?){later}"
+                " ORDER BY o.created_at, o.id LIMIT ?",
+                (SENT_HEAD_BYTES, *params, count),
+            )
+            return [
+                sent_copy(
+                    outgoing_id=row["id"],
+                    account_id=account_id,
+                    message_id=row["message_id"],
+                    subject=row["subject"],
+                    size=row["size"],
+                    created_at=from_text(row["created_at"]),
+                    thread_id=row["thread_id"],
+                    head=bytes(row["head"]),
+                )
+                for row in rows
+            ]
+
+        return await collect_thread_page(received, sent, flt, after, limit)
+
     async def get(self, account_id: str, message_id: str) -> MessageSummary | None:
         row = await self._db.fetch_one(
             f"SELECT {_COLUMNS} FROM messages WHERE id = ? AND account_id = ?",
@@ -407,6 +646,26 @@ class SQLiteMessageRepository:
             "SELECT count(*) FROM messages WHERE account_id = ?", (account_id,)
         )
         return int(row[0]) if row else 0
+
+
+async def _join_threads(
+    conn: aiosqlite.Connection, account_id: str, messages: list[NewMessage]
+) -> list[NewMessage]:
+    """The batch with each message in its root's thread when the account has the root
+    (stored, sent, or earlier in the batch): one statement for the batch."""
+    messages = with_threads(messages)
+    roots = roots_to_look_up(messages)
+    if not roots:
+        return messages
+    rows = await conn.execute_fetchall(
+        "SELECT j.value, coalesce("
+        "(SELECT thread_id FROM messages WHERE account_id = ?1 AND message_id = j.value"
+        " ORDER BY id LIMIT 1),"
+        " (SELECT thread_id FROM outbox WHERE account_id = ?1 AND message_id = j.value"
+        " ORDER BY id LIMIT 1)) FROM json_each(?2) j",
+        (account_id, msgspec.json.encode(roots).decode()),
+    )
+    return join_roots(messages, {str(row[0]): str(row[1]) for row in rows if row[1]})
 
 
 async def _insert_rows(
@@ -441,6 +700,9 @@ def _params(m: MessageSummary) -> tuple[object, ...]:
         m.subject,
         opt_to_text(m.date),
         int(m.has_attachments),
+        m.in_reply_to,
+        msgspec.json.encode(m.references).decode() if m.references else None,
+        thread_of(m),
     )
 
 
@@ -458,4 +720,7 @@ def _summary(row: sqlite3.Row) -> MessageSummary:
         subject=row["subject"],
         date=opt_from_text(row["date"]),
         has_attachments=bool(row["has_attachments"]),
+        in_reply_to=row["in_reply_to"],
+        references=_LIST_DECODER.decode(row["references_json"]) if row["references_json"] else [],
+        thread_id=row["thread_id"],
     )

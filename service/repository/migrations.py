@@ -350,6 +350,39 @@ ALTER TABLE outbox ADD COLUMN send_at TEXT;
 CREATE INDEX messages_message_id ON messages (account_id, message_id)
 """
 
+V13_THREADS = """
+-- Threads (issue 15): a stored message's In-Reply-To (its first msg-id), References (a
+-- JSON array, NULL when none) and thread (thr_..., named after the conversation's root,
+-- see service.domain.threads); an outgoing message's thread, from its composed headers.
+ALTER TABLE messages ADD COLUMN in_reply_to TEXT;
+ALTER TABLE messages ADD COLUMN references_json TEXT;
+ALTER TABLE messages ADD COLUMN thread_id TEXT;
+ALTER TABLE outbox ADD COLUMN thread_id TEXT;
+-- The trigram index only reads subject, from_addr and to_json: other updates (this
+-- backfill, bounce_of, joining a thread) leave it alone.
+DROP TRIGGER messages_fts_update;
+CREATE TRIGGER messages_fts_update AFTER UPDATE OF subject, from_addr, to_json ON messages
+BEGIN
+    INSERT INTO messages_fts (messages_fts, rowid, subject, from_addr, to_json)
+    VALUES ('delete', old.rowid, old.subject, old.from_addr, old.to_json)
+    ; INSERT INTO messages_fts (rowid, subject, from_addr, to_json)
+    VALUES (new.rowid, new.subject, new.from_addr, new.to_json)
+; END;
+-- Rows stored before: each its own thread, named after its Message-ID (else its id), by
+-- the service's own digest (registered on every connection as mailroom_thread_id); their
+-- In-Reply-To and References stay unknown (NULL).
+UPDATE messages SET thread_id = mailroom_thread_id(coalesce(message_id, id));
+UPDATE outbox SET thread_id = mailroom_thread_id(message_id);
+-- GET .../messages?thread_id=: a conversation's messages and sent copies.
+CREATE INDEX messages_thread ON messages (account_id, thread_id);
+CREATE INDEX outbox_thread ON outbox (account_id, thread_id)
+"""
+
+V14_RECIPIENT_NAMES = """
+-- An outgoing recipient's display name as sent (To/Cc/Reply-To header), NULL when none.
+ALTER TABLE outbox_recipients ADD COLUMN name TEXT
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (1, V1_ACCOUNTS),
     (2, V2_RETRIEVALS),
@@ -363,4 +396,6 @@ MIGRATIONS: list[tuple[int, str]] = [
     (10, V10_BOUNCES),
     (11, V11_OAUTH2),
     (12, V12_SEND_OPTIONS),
+    (13, V13_THREADS),
+    (14, V14_RECIPIENT_NAMES),
 ]

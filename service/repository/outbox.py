@@ -62,7 +62,7 @@ GROUP_COMMIT_MAX = 256
 _COLUMNS = (
     "id, account_id, message_id, status, subject, size, idempotency_key, created_at,"
     " updated_at, next_attempt_at, sent_at, expires_at, attempt_count, last_error_code,"
-    " last_error_detail, metadata, tags, send_at"
+    " last_error_detail, metadata, tags, send_at, thread_id"
 )
 # Read with each message: a paused account's waiting messages have no next attempt.
 _PAUSED = (
@@ -91,6 +91,10 @@ class ExistingKey(msgspec.Struct, frozen=True):
 class OutboxRepository(Protocol):
     async def accept(self, message: NewOutgoing) -> ExistingKey | None: ...
     async def find_key(self, account_id: str, key: str) -> ExistingKey | None: ...
+    async def thread_of(self, account_id: str, message_id: str) -> str | None:
+        """The thread of the account's stored or sent message with this Message-ID."""
+        ...
+
     async def get(self, account_id: str, outgoing_id: str) -> OutgoingMessage | None: ...
     async def page(
         self,
@@ -181,6 +185,19 @@ class SQLiteOutboxRepository:
         )
         return None if row is None else ExistingKey(row["id"], row["request_hash"])
 
+    async def thread_of(self, account_id: str, message_id: str) -> str | None:
+        """The thread of the account's stored or sent message with this Message-ID (the
+        oldest of each kind; a stored one first), None when it has neither."""
+        row = await self._db.fetch_one(
+            "SELECT coalesce("
+            "(SELECT thread_id FROM messages WHERE account_id = ?1 AND message_id = ?2"
+            " ORDER BY id LIMIT 1),"
+            " (SELECT thread_id FROM outbox WHERE account_id = ?1 AND message_id = ?2"
+            " ORDER BY id LIMIT 1))",
+            (account_id, message_id),
+        )
+        return None if row is None or row[0] is None else str(row[0])
+
     # -- reading -----------------------------------------------------------------------
 
     async def get(self, account_id: str, outgoing_id: str) -> OutgoingMessage | None:
@@ -228,7 +245,7 @@ class SQLiteOutboxRepository:
         marks = ", ".join("?" * len(ids))
         recipients: dict[str, list[Recipient]] = {i: [] for i in ids}
         for r in await self._db.fetch_all(
-            "SELECT outgoing_id, address, kind, status, smtp_code, smtp_message"
+            "SELECT outgoing_id, address, kind, status, smtp_code, smtp_message, name"
             f" FROM outbox_recipients WHERE outgoing_id IN ({marks})"
             " ORDER BY outgoing_id, position",
             ids,
@@ -236,6 +253,7 @@ class SQLiteOutboxRepository:
             recipients[r["outgoing_id"]].append(
                 Recipient(
                     address=r["address"],
+                    name=r["name"],
                     kind=RecipientKind(r["kind"]),
                     status=RecipientStatus(r["status"]),
                     smtp_code=r["smtp_code"],
@@ -629,8 +647,8 @@ async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> No
     await conn.executemany(
         "INSERT INTO outbox (id, account_id, message_id, status, mail_from, subject, smtputf8,"
         " size, idempotency_key, request_hash, created_at, updated_at, next_attempt_at,"
-        " expires_at, metadata, tags, send_at)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " expires_at, metadata, tags, send_at, thread_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 m.id,
@@ -650,6 +668,7 @@ async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> No
                 _json_or_null(m.metadata),
                 _json_or_null(m.tags),
                 opt_to_text(m.send_at),
+                m.thread,
             )
             for m in messages
         ],
@@ -659,10 +678,10 @@ async def _insert(conn: aiosqlite.Connection, messages: list[NewOutgoing]) -> No
         [(m.id, m.raw) for m in messages],
     )
     await conn.executemany(
-        "INSERT INTO outbox_recipients (outgoing_id, position, address, kind, status)"
-        " VALUES (?, ?, ?, ?, ?)",
+        "INSERT INTO outbox_recipients (outgoing_id, position, address, kind, status, name)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
         [
-            (m.id, position, r.address, r.kind.value, RecipientStatus.PENDING.value)
+            (m.id, position, r.address, r.kind.value, RecipientStatus.PENDING.value, r.name)
             for m in messages
             for position, r in enumerate(m.recipients)
         ],
@@ -722,4 +741,5 @@ def _message(
         metadata=_decode_metadata(row["metadata"]),
         tags=_decode_tags(row["tags"]),
         send_at=opt_from_text(row["send_at"]),
+        thread_id=row["thread_id"],
     )

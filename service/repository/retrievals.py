@@ -5,6 +5,10 @@ An active retrieval (queued or running) is held by one process (``owner``) under
 account is active, whichever process runs it (a partial unique index). A retrieval whose
 lease expired (its process died) is ended ``interrupted`` by whichever process sweeps
 first (``interrupt_expired``).
+
+A scheduled poll on a store with one process (SQLite) may be stored only when it ends
+(``add_ended``): one write for a poll that found nothing to download or delete (see
+``service.services.retrieval``).
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import msgspec
 
 from service.codes import ErrorCode
 from service.domain.enums import RetrievalStatus, RetrievalTrigger
+from service.domain.event_emission import retrieval_ended
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
 from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
 from service.repository.database import Database
-from service.repository.events import emit_retrieval_ended, emit_retrievals_ended
+from service.repository.events import emit_retrieval_ended, emit_retrievals_ended, insert_events
 from service.repository.pages import Page, page_of
 
 _COLUMNS = (
@@ -70,7 +75,12 @@ class RetrievalRepository(Protocol):
         error: RetrievalError | None,
         *,
         next_poll_at: datetime | None = None,
+        tenant: str | None = None,
+        account_id: str | None = None,
     ) -> None: ...
+    async def add_ended(
+        self, retrieval: Retrieval, *, tenant: str, next_poll_at: datetime | None = None
+    ) -> bool: ...
     async def renew(
         self, owner: str, retrieval_ids: Collection[str], lease_until: datetime
     ) -> int: ...
@@ -195,13 +205,16 @@ class SQLiteRetrievalRepository:
         error: RetrievalError | None,
         *,
         next_poll_at: datetime | None = None,
+        tenant: str | None = None,
+        account_id: str | None = None,
     ) -> None:
         """Record the end, progress included, in one statement; ``next_poll_at``: when
         the account's next scheduled poll is due (if it is still polled), in the same
-        transaction."""
+        transaction. ``tenant`` and ``account_id`` (the caller knows them) save reading
+        them back for the event."""
         p = progress
         async with self._db.transaction() as conn:
-            await conn.execute(
+            cursor = await conn.execute(
                 "UPDATE retrievals SET status = ?, finished_at = ?, error_code = ?,"
                 " error_detail = ?, lease_until = NULL, messages_on_server = ?,"
                 " messages_downloaded = ?, bytes_downloaded = ?, messages_deleted = ?,"
@@ -219,13 +232,63 @@ class SQLiteRetrievalRepository:
                     retrieval_id,
                 ),
             )
-            await emit_retrieval_ended(conn, retrieval_id, status.value, at, progress, error)
-            if next_poll_at is not None:
-                await conn.execute(
-                    "UPDATE accounts SET next_poll_at = ? WHERE poll_interval_minutes IS NOT"
-                    " NULL AND id = (SELECT account_id FROM retrievals WHERE id = ?)",
-                    (to_text(next_poll_at), retrieval_id),
+            if tenant is None or account_id is None:
+                await emit_retrieval_ended(conn, retrieval_id, status.value, at, progress, error)
+            elif cursor.rowcount > 0:  # none: the account was deleted meanwhile
+                event = retrieval_ended(
+                    tenant, account_id, retrieval_id, status.value, at, progress, error
                 )
+                if event is not None:
+                    await insert_events(conn, [event])
+            if next_poll_at is not None:
+                await _set_next_poll(conn, next_poll_at, retrieval_id, account_id)
+
+    async def add_ended(
+        self, retrieval: Retrieval, *, tenant: str, next_poll_at: datetime | None = None
+    ) -> bool:
+        """Store a retrieval that has already ended (never stored while it ran), with its
+        event and the account's next poll, in one transaction; False (nothing written)
+        when the account is gone."""
+        r = retrieval
+        assert r.status not in ACTIVE, "only an ended retrieval is added this way"
+        async with self._db.transaction() as conn:
+            # From the account's row: nothing is inserted for an account deleted meanwhile.
+            cursor = await conn.execute(
+                f"INSERT INTO retrievals ({_COLUMNS})"
+                " SELECT ?, id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM accounts WHERE id = ?",
+                (
+                    r.id,
+                    r.trigger.value,
+                    r.status.value,
+                    to_text(r.created_at),
+                    opt_to_text(r.started_at),
+                    opt_to_text(r.finished_at),
+                    r.messages_on_server,
+                    r.messages_downloaded,
+                    r.bytes_downloaded,
+                    r.messages_deleted,
+                    r.messages_skipped,
+                    r.error.code if r.error else None,
+                    r.error.detail if r.error else None,
+                    r.account_id,
+                ),
+            )
+            if cursor.rowcount <= 0:
+                return False
+            event = retrieval_ended(
+                tenant,
+                r.account_id,
+                r.id,
+                r.status.value,
+                r.finished_at or r.created_at,
+                _progress(r),
+                r.error,
+            )
+            if event is not None:
+                await insert_events(conn, [event])
+            if next_poll_at is not None:
+                await _set_next_poll(conn, next_poll_at, r.id, r.account_id)
+        return True
 
     async def renew(self, owner: str, retrieval_ids: Collection[str], lease_until: datetime) -> int:
         """Extend to ``lease_until`` the active retrievals ``owner`` still holds among
@@ -280,6 +343,34 @@ class SQLiteRetrievalRepository:
             ended = [str(row[0]) for row in rows]
             await emit_retrievals_ended(conn, ended)
             return len(ended)
+
+
+async def _set_next_poll(
+    conn: aiosqlite.Connection, at: datetime, retrieval_id: str, account_id: str | None
+) -> None:
+    """Set the account's next scheduled poll (if it is still polled)."""
+    if account_id is not None:
+        await conn.execute(
+            "UPDATE accounts SET next_poll_at = ? WHERE id = ? AND poll_interval_minutes"
+            " IS NOT NULL",
+            (to_text(at), account_id),
+        )
+    else:
+        await conn.execute(
+            "UPDATE accounts SET next_poll_at = ? WHERE poll_interval_minutes IS NOT"
+            " NULL AND id = (SELECT account_id FROM retrievals WHERE id = ?)",
+            (to_text(at), retrieval_id),
+        )
+
+
+def _progress(r: Retrieval) -> RetrievalProgress:
+    return RetrievalProgress(
+        messages_on_server=r.messages_on_server,
+        messages_downloaded=r.messages_downloaded,
+        bytes_downloaded=r.bytes_downloaded,
+        messages_deleted=r.messages_deleted,
+        messages_skipped=r.messages_skipped,
+    )
 
 
 async def update_progress(

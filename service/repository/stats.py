@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Protocol
 
-from service.domain.time import from_text
+from service.domain.time import from_text, to_text, utcnow
 from service.repository.database import Database
 
 # Two queries whose conditions match the outbox's partial indexes (waiting, sending), so
@@ -16,6 +16,13 @@ OLDEST_UNSENT_SQL = (
     "SELECT min(coalesce(send_at, created_at)) AS created_at FROM outbox"
     " WHERE status IN ('queued', 'deferred')"
     " UNION ALL SELECT min(created_at) FROM outbox WHERE status = 'sending') AS pending"
+)
+
+# A queued message whose send_at is still ahead is counted as ``scheduled``, as the API
+# shows it (both are stored queued).
+BY_STATUS_SQL = (
+    "SELECT CASE WHEN status = 'queued' AND send_at > {now} THEN 'scheduled' ELSE status END"
+    " AS shown, count(*) FROM outbox GROUP BY shown"
 )
 
 
@@ -31,7 +38,7 @@ class SQLiteStatsRepository:
 
     async def outbox_by_status(self) -> dict[str, int]:
         """How many outgoing messages are in each status, over all accounts."""
-        rows = await self._db.fetch_all("SELECT status, count(*) FROM outbox GROUP BY status")
+        rows = await self._db.fetch_all(BY_STATUS_SQL.format(now="?"), (to_text(utcnow()),))
         return {str(row[0]): int(row[1]) for row in rows}
 
     async def oldest_unsent_at(self) -> datetime | None:

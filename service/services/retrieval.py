@@ -29,6 +29,17 @@ QUIT, so nothing of that session is deleted) after committing what it downloaded
 A retrieval whose end cannot be recorded (a full disk) is over all the same: its slot is
 free, its end is recorded again in the background, and the next trigger for the account
 records it first instead of answering 409.
+
+A scheduled poll on a store with one process (SQLite, ``exclusive``) is stored when it
+ends, with its outcome, in one transaction, unless it finds work first, or runs longer
+than :data:`STORE_RUNNING_AFTER_S`: then it is stored as running before anything is
+downloaded or deleted (and before an API trigger for its account is answered 409). So a
+poll that finds nothing new costs one write, and every poll has its record in
+``GET .../retrievals`` once it has ended; what is not stored is the running row of an empty
+poll during its first second, and so the ``interrupted`` record of one cut short by a crash
+within it (nothing was stored or deleted in it; its account's claim expires and it is
+polled again). One retrieval per account still holds: this process runs them all and
+checks its own slots.
 """
 
 from __future__ import annotations
@@ -55,6 +66,7 @@ from service.domain.retrievals import (
     RetrievalError,
     RetrievalProgress,
 )
+from service.domain.threads import thread_id_for
 from service.domain.time import utcnow
 from service.errors import Conflict, NotFound, TooManyRequests
 from service.logs import log_event
@@ -87,6 +99,9 @@ FORGET_BATCH = 5000
 #: with the download, large enough that the hand-over costs little.
 PARSE_CHUNK = 50
 SECONDS_PER_DAY = 86_400
+#: A scheduled poll not stored yet (see the module's docstring) is stored as running once
+#: it has run this long: an empty poll takes milliseconds, a slow server shows in the API.
+STORE_RUNNING_AFTER_S = 1.0
 #: How long a cancel request waits for the retrieval to stop before answering anyway.
 CANCEL_WAIT_S = 30.0
 #: How often a cancel passed on to another process looks whether the retrieval ended.
@@ -113,13 +128,27 @@ class _Outcome(msgspec.Struct, frozen=True, kw_only=True):
     progress: RetrievalProgress
     error: RetrievalError | None
     tenant: str | None = None  # whose slot it held (counted until the end is recorded)
+    account_id: str | None = None
     next_poll_at: datetime | None = None  # the account's next scheduled poll, if polled
+
+
+class _Unstored:
+    """A scheduled poll not in the store yet: stored at its end, or as running once it
+    finds work (whichever comes first, under ``lock``)."""
+
+    __slots__ = ("lock", "retrieval", "tenant", "timer")
+
+    def __init__(self, retrieval: Retrieval, tenant: str) -> None:
+        self.retrieval = retrieval
+        self.tenant = tenant
+        self.lock = asyncio.Lock()
+        self.timer: asyncio.TimerHandle | None = None  # stores it as running when it fires
 
 
 class _Slot:
     """A retrieval slot held by one tenant: reserved at trigger, freed when its task ends."""
 
-    __slots__ = ("account_id", "inserted", "run", "task", "tenant")
+    __slots__ = ("account_id", "inserted", "next_poll_at", "run", "task", "tenant")
 
     def __init__(self, tenant: str, account_id: str) -> None:
         self.tenant = tenant
@@ -129,6 +158,8 @@ class _Slot:
         # Its row may be in the store (set just before the insert): counted there, and
         # its lease renewed.
         self.inserted = False
+        # When its account's next poll is due, as its end set it (told to slot watchers).
+        self.next_poll_at: datetime | None = None
 
 
 class _Cancelled(Exception):
@@ -184,11 +215,14 @@ class RetrievalService:
         self._slots: dict[str, _Slot] = {}
         # Retrieval id -> an end the store has not recorded yet (retried in the background).
         self._unrecorded: dict[str, _Outcome] = {}
+        # Retrieval id -> a scheduled poll not stored yet (``exclusive`` stores only).
+        self._unstored: dict[str, _Unstored] = {}
         self._recorders: set[asyncio.Task[None]] = set()
         self._forgetters: set[asyncio.Task[None]] = set()
         self._stopping = False
-        # Called whenever a slot frees (the scheduler starts the next due poll at once).
-        self._slot_watchers: list[Callable[[], None]] = []
+        # Called whenever a slot frees (the scheduler starts the next due poll at once),
+        # with the next poll its retrieval set (if any).
+        self._slot_watchers: list[Callable[[datetime | None], None]] = []
         # Called with the account id right after each batch of its messages commits (the
         # bounce service links the DSNs among them); must not raise.
         self.after_batch: Callable[[str], Awaitable[None]] | None = None
@@ -275,14 +309,16 @@ class RetrievalService:
         assert retrieval is not None  # skipped only with ``not_after``
         return retrieval
 
-    def on_slot_free(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` each time a retrieval slot of this process frees."""
+    def on_slot_free(self, callback: Callable[[datetime | None], None]) -> None:
+        """Call ``callback(next_poll_at)`` each time a retrieval slot of this process
+        frees: when the ended retrieval's account is due next (None: not set)."""
         self._slot_watchers.append(callback)
 
     def _free(self, retrieval_id: str) -> None:
-        self._slots.pop(retrieval_id, None)
+        slot = self._slots.pop(retrieval_id, None)
+        next_at = slot.next_poll_at if slot is not None else None
         for watcher in self._slot_watchers:
-            watcher()
+            watcher(next_at)
 
     def full_tenants(self) -> set[str]:
         """Tenants holding their whole share of this process's slots."""
@@ -317,6 +353,14 @@ class RetrievalService:
         running: bool = False,
     ) -> Retrieval | None:
         held = sum(1 for slot in self._slots.values() if slot.tenant == account.tenant)
+        # A scheduled poll on the only process of its store is stored when it ends (or
+        # finds work): this process's slots are the whole truth about what runs.
+        unstored = running and self._exclusive
+        if unstored and any(slot.account_id == account.id for slot in self._slots.values()):
+            raise Conflict(
+                "a retrieval is already running for this account",
+                code=ErrorCode.RETRIEVAL_RUNNING,
+            )
         if held >= self._max_per_tenant:
             raise self._too_many_for_tenant(held)
         if len(self._slots) >= self._max_concurrent:
@@ -336,15 +380,25 @@ class RetrievalService:
         # Held from now, so concurrent triggers cannot overrun the limits while this one
         # waits for the store.
         slot = self._slots[retrieval.id] = _Slot(account.tenant, account.id)
-        try:
-            await self._check_tenant_share(account.tenant)
-            slot.inserted = True
-            if not await self._add(retrieval, not_after=not_after):
-                del self._slots[retrieval.id]
-                return None
-        except BaseException:
-            self._slots.pop(retrieval.id, None)
-            raise
+        if unstored:
+            waiting = self._unstored[retrieval.id] = _Unstored(retrieval, account.tenant)
+            waiting.timer = asyncio.get_running_loop().call_later(
+                STORE_RUNNING_AFTER_S, self._store_running_later, retrieval.id
+            )
+        else:
+            try:
+                if self._exclusive:
+                    # A poll of the account not stored yet is stored first: this trigger
+                    # then answers 409 with its id, as for any running retrieval.
+                    await self._store_unstored(account.id)
+                await self._check_tenant_share(account.tenant)
+                slot.inserted = True
+                if not await self._add(retrieval, not_after=not_after):
+                    del self._slots[retrieval.id]
+                    return None
+            except BaseException:
+                self._slots.pop(retrieval.id, None)
+                raise
         run = slot.run = _Run(self, account, retrieval)
         task = asyncio.create_task(self._run(run), name=f"retrieval {retrieval.id}")
         slot.task = task
@@ -352,6 +406,46 @@ class RetrievalService:
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda _: self._free(retrieval.id))
         return retrieval
+
+    async def _store_unstored(self, account_id: str) -> None:
+        """Store as running the scheduled polls of the account not stored yet."""
+        for retrieval_id in [i for i, slot in self._slots.items() if slot.account_id == account_id]:
+            await self.store_running(retrieval_id)
+
+    async def store_running(self, retrieval_id: str) -> None:
+        """Store a scheduled poll of this process as running, if it is not stored yet (it
+        found work, or an API trigger asks for its account); at once if it is."""
+        unstored = self._unstored.get(retrieval_id)
+        if unstored is None:
+            return
+        async with unstored.lock:
+            if retrieval_id not in self._unstored:
+                return  # stored meanwhile (as running, or with its end)
+            slot = self._slots.get(retrieval_id)
+            if slot is not None:
+                slot.inserted = True
+            await self._add(unstored.retrieval)
+            self._forget_unstored(retrieval_id)
+
+    def _forget_unstored(self, retrieval_id: str) -> None:
+        unstored = self._unstored.pop(retrieval_id)
+        if unstored.timer is not None:
+            unstored.timer.cancel()
+
+    def _store_running_later(self, retrieval_id: str) -> None:
+        """The poll has run :data:`STORE_RUNNING_AFTER_S`: store it as running."""
+        if retrieval_id not in self._unstored or self._stopping:
+            return
+
+        async def store() -> None:
+            try:
+                await self.store_running(retrieval_id)
+            except (RepositoryError, Conflict) as exc:  # stored with its end instead
+                logger.warning("retrieval %s: not stored as running: %s", retrieval_id, exc)
+
+        task = asyncio.create_task(store(), name=f"store running {retrieval_id}")
+        self._recorders.add(task)
+        task.add_done_callback(self._recorders.discard)
 
     @property
     def free_slots(self) -> int:
@@ -446,16 +540,36 @@ class RetrievalService:
         return _ended(active, outcome)
 
     async def _record(self, retrieval_id: str, outcome: _Outcome) -> None:
-        await self._retrievals.finish(
-            retrieval_id,
-            outcome.status,
-            outcome.finished_at,
-            outcome.progress,
-            outcome.error,
-            next_poll_at=outcome.next_poll_at,
-        )
+        if not await self._record_unstored(retrieval_id, outcome):
+            await self._retrievals.finish(
+                retrieval_id,
+                outcome.status,
+                outcome.finished_at,
+                outcome.progress,
+                outcome.error,
+                next_poll_at=outcome.next_poll_at,
+                tenant=outcome.tenant,
+                account_id=outcome.account_id,
+            )
         self._unrecorded.pop(retrieval_id, None)
         self._announce_end(retrieval_id)
+
+    async def _record_unstored(self, retrieval_id: str, outcome: _Outcome) -> bool:
+        """Store a poll that was never stored, with its end, in one transaction; False
+        when it is in the store already."""
+        unstored = self._unstored.get(retrieval_id)
+        if unstored is None:
+            return False
+        async with unstored.lock:
+            if retrieval_id not in self._unstored:
+                return False  # stored as running meanwhile
+            await self._retrievals.add_ended(
+                _ended(unstored.retrieval, outcome),
+                tenant=unstored.tenant,
+                next_poll_at=outcome.next_poll_at,
+            )
+            self._forget_unstored(retrieval_id)
+        return True
 
     async def cancel(self, tenant: str, account_id: str, retrieval_id: str) -> Retrieval:
         """Stop a retrieval at its next safe point and return it as it ended.
@@ -674,6 +788,7 @@ class RetrievalService:
             progress=run.progress(),
             error=error,
             tenant=run.account.tenant,
+            account_id=run.account.id,
             # Recorded with the end, in one transaction: the schedule never misses a poll.
             next_poll_at=next_poll_at(
                 run.account,
@@ -683,6 +798,9 @@ class RetrievalService:
             ),
         )
         done = _ended(retrieval, outcome)
+        slot = self._slots.get(retrieval.id)
+        if slot is not None:
+            slot.next_poll_at = outcome.next_poll_at
         started = retrieval.started_at or retrieval.created_at
         log_event(
             logger,
@@ -877,19 +995,28 @@ class _Run:
                     too_big.append((uidl, size))
                 else:
                     wanted.append(number)
+            to_delete = [n for n, uidl in uidls.items() if uidl in compared.deletable]
+            if wanted or too_big or to_delete:
+                # Work to do: the poll is stored as running (if it was not) before anything
+                # is downloaded or deleted.
+                await s.store_running(self.retrieval.id)
             if wanted or too_big:
                 # Shown while the work goes on; a poll that finds nothing new writes its
                 # count once, with its end.
                 await s._retrievals.progress(self.retrieval.id, self.progress())
             await self._skip(too_big)
 
-            to_delete = [n for n, uidl in uidls.items() if uidl in compared.deletable]
-            to_delete += await self._download(client, wanted, uidls, sizes)
+            if wanted:
+                to_delete += await self._download(client, wanted, uidls, sizes)
             self.checkpoint()
             self.phase = _Phase.FINISHING
             if to_delete:
                 await client.dele(sorted(to_delete))
-            await client.quit()
+                await client.quit()
+            else:
+                # Nothing to commit at QUIT: its reply would tell nothing (a poll that
+                # found nothing new does not wait for it).
+                client.quit_nowait()
             self.deleted = len(to_delete)
 
     async def _skip(self, too_big: list[tuple[str, int]]) -> None:
@@ -1001,9 +1128,10 @@ class _Run:
 
     def _new_message(self, uidl: str, raw: bytes) -> NewMessage:
         parsed = summarize(raw)
+        message_id = new_id("msg")
         return NewMessage(
             summary=MessageSummary(
-                id=new_id("msg"),
+                id=message_id,
                 account_id=self.account.id,
                 uidl=uidl,
                 size=len(raw),
@@ -1015,6 +1143,12 @@ class _Run:
                 subject=parsed.subject,
                 date=parsed.date,
                 has_attachments=parsed.has_attachments,
+                in_reply_to=parsed.in_reply_to,
+                references=list(parsed.references),
+                # From its own headers; the store may join it to its parent's thread.
+                thread_id=thread_id_for(
+                    parsed.message_id, parsed.in_reply_to, parsed.references, message_id
+                ),
             ),
             raw=raw,
         )

@@ -158,9 +158,13 @@ class Scheduler:
         if notifier is not None:
             notifier.subscribe(Topic.RETRIEVAL_ENDED, self._ended_elsewhere)
 
-    def _slot_freed(self) -> None:
-        # The poll that ended set its account's next poll: the earliest may be sooner.
-        self._due_known = False
+    def _slot_freed(self, next_poll_at: datetime | None) -> None:
+        # The poll that ended set its account's next poll: the earliest due is that one
+        # if it is sooner (no read needed; an end the store could not record leaves an
+        # earlier time known than stored, which costs one claim that finds nothing).
+        if self._due_known and next_poll_at is not None:
+            if self._next_due is None or next_poll_at < self._next_due:
+                self._next_due = next_poll_at
         self._refused.clear()
         self._wake.set()
 

@@ -22,6 +22,7 @@ import binascii
 import functools
 import hashlib
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email import policy as email_policy
@@ -44,6 +45,7 @@ from service.domain.outbox import (
     MAX_TAGS,
     NAME_RE,
     AttachmentInput,
+    ForwardAs,
     NamedAddress,
     NewOutgoing,
     NewRecipient,
@@ -53,6 +55,7 @@ from service.domain.outbox import (
     RecipientEntry,
     SendRequest,
 )
+from service.domain.threads import answer_references, root_to_look_up, thread_id_for
 from service.domain.time import to_text, utcnow
 from service.errors import Conflict, FieldError, Invalid, NotFound, TooLarge
 from service.mail import (
@@ -65,6 +68,13 @@ from service.mail import (
     make_message_id,
 )
 from service.mail.addresses import parse_address, validate_display_name
+from service.mail.forward import (
+    attach_original,
+    attachable,
+    forward_headers,
+    inline_forward,
+)
+from service.mail.parse import msg_ids, references_of, summarize
 from service.mail.rawsend import prepare_raw
 from service.repository.errors import DuplicateError
 from service.repository.notify import Notifier, Topic
@@ -106,6 +116,8 @@ _LATER_FIELDS: dict[str, object] = {
     "send_at": None,
     "reply_to_message": None,
     "reply_all": False,
+    "forward_message": None,
+    "forward_as": None,
 }
 
 
@@ -129,17 +141,20 @@ def prepare(
     now: datetime,
     idempotency_key: str | None = None,
     hash_of_request: str | None = None,
+    original: bytes | None = None,
 ) -> NewOutgoing:
     """Validate ``request`` for ``account`` and build the outbox row with its bytes.
 
     Pure (no I/O): the API's rules in one place, testable without a database.
+    ``original``: the raw bytes of the stored message ``request`` forwards (its
+    ``forward_message``; subject and References already filled by :func:`forward_request`).
 
     :raises Invalid: 422 with the ``service.mail`` code (``invalid_address``,
         ``header_injection``, ``protected_header``...), ``too_many_recipients``,
         ``no_body`` or ``invalid_base64``.
     :raises TooLarge: 413 ``attachment_too_large`` or ``message_too_large``.
     """
-    attachments, _ = _check_request(request, limits)
+    attachments, _ = _check_request(request, limits, original)
     return _build(
         account,
         request,
@@ -148,12 +163,15 @@ def prepare(
         now=now,
         idempotency_key=idempotency_key,
         hash_of_request=hash_of_request,
+        original=original,
     )
 
 
-def _check_request(request: SendRequest, limits: SendLimits) -> tuple[list[Attachment], int]:
+def _check_request(
+    request: SendRequest, limits: SendLimits, original: bytes | None = None
+) -> tuple[list[Attachment], int]:
     """The checks that need no composing; returns the decoded attachments and the total
-    size of the bodies and attachments."""
+    size of the bodies, attachments and the forwarded message."""
     if request.subject is None:
         raise _invalid("subject", "required (may be empty)", "validation_error")
     count = request.recipient_count
@@ -165,7 +183,7 @@ def _check_request(request: SendRequest, limits: SendLimits) -> tuple[list[Attac
             f"{count} recipients; at most {limits.max_recipients} (to, cc and bcc together)",
             "too_many_recipients",
         )
-    if request.text is None and request.html is None:
+    if request.text is None and request.html is None and original is None:
         raise _invalid("text", "give `text`, `html` or both", "no_body")
     _check_metadata(request.metadata)
     _check_tags(request.tags)
@@ -174,10 +192,12 @@ def _check_request(request: SendRequest, limits: SendLimits) -> tuple[list[Attac
     ]
     total = sum(len(a.data) for a in attachments)
     total += sum(len(body.encode("utf-8", "surrogatepass")) for body in _bodies(request))
+    total += len(original or b"")
     if total > limits.max_send_bytes:
         # The composed message is larger still (base64, headers): refuse before composing.
         raise TooLarge(
-            f"the bodies and attachments alone are {total} bytes; the limit for a message"
+            f"the bodies, attachments and forwarded message alone are {total} bytes; the"
+            " limit for a message"
             f" is {limits.max_send_bytes}",
             code="message_too_large",
         )
@@ -295,11 +315,22 @@ def _build(
     now: datetime,
     idempotency_key: str | None,
     hash_of_request: str | None,
+    original: bytes | None = None,
 ) -> NewOutgoing:
-    """Compose the message (Message-ID and Date fixed now) and build its outbox row."""
-    draft = _draft(account, request, attachments, now)
+    """Compose the message (Message-ID and Date fixed now) and build its outbox row;
+    with ``original``, the forward of it (see :mod:`service.mail.forward`)."""
+    attached: bytes | None = None
     try:
-        composed = compose(draft)
+        if original is not None and request.forward_as is ForwardAs.INLINE:
+            own_ids = [a.content_id for a in attachments if a.content_id is not None]
+            inline = inline_forward(original, request.text, request.html, own_ids)
+            request = msgspec.structs.replace(request, text=inline.text, html=inline.html)
+            attachments = [*attachments, *inline.attachments]
+        elif original is not None:
+            attached = attachable(original)
+        composed = compose(_draft(account, request, attachments, now))
+        if attached is not None and original is not None:
+            composed = attach_original(composed, attached, forward_headers(original).filename)
     except MailInputError as exc:
         raise _invalid(exc.field, exc.message, exc.code.value) from None
     return _outgoing(account, request, composed, limits, now, idempotency_key, hash_of_request)
@@ -375,7 +406,27 @@ def _outgoing(
         metadata=dict(request.metadata),
         tags=list(request.tags),
         send_at=send_at,
+        **_thread_fields(composed.message_id, request.headers),
     )
+
+
+def _thread_fields(message_id: str, headers: Mapping[str, str]) -> dict[str, str | None]:
+    """``thread_id`` and ``thread_root`` of a composed message from the threading headers
+    it was given (a reply's and a forward's are among them), read as a stored message's
+    are (:mod:`service.domain.threads`), without parsing the composed bytes again."""
+    given = {name.lower(): value for name, value in headers.items()}
+    in_reply_to = next(iter(msg_ids(given.get("in-reply-to"))), None)
+    references = references_of(given.get("references"))
+    return _thread_of(message_id, in_reply_to, references)
+
+
+def _thread_of(
+    message_id: str | None, in_reply_to: str | None, references: Sequence[str]
+) -> dict[str, str | None]:
+    return {
+        "thread_id": thread_id_for(message_id, in_reply_to, references, message_id or "out"),
+        "thread_root": root_to_look_up(message_id, in_reply_to, references),
+    }
 
 
 def _recipients(composed: ComposedMessage) -> tuple[NewRecipient, ...]:
@@ -388,7 +439,14 @@ def _recipients(composed: ComposedMessage) -> tuple[NewRecipient, ...]:
     ):
         for value in values:
             kinds.setdefault(value, kind)
-    return tuple(NewRecipient(address, kinds[address]) for address in composed.recipients)
+    return tuple(
+        NewRecipient(
+            address,
+            kinds[address],
+            None if kinds[address] is RecipientKind.BCC else composed.names.get(address),
+        )
+        for address in composed.recipients
+    )
 
 
 def prepare_raw_send(
@@ -439,7 +497,12 @@ def prepare_raw_send(
         smtputf8=raw.smtputf8,
         raw=raw.data,
         recipients=tuple(
-            NewRecipient(address, RecipientKind(raw.kinds[address])) for address in raw.recipients
+            NewRecipient(
+                address,
+                RecipientKind(raw.kinds[address]),
+                None if raw.kinds[address] == "bcc" else raw.names.get(address),
+            )
+            for address in raw.recipients
         ),
         idempotency_key=idempotency_key,
         request_hash=hash_of_request,
@@ -448,7 +511,13 @@ def prepare_raw_send(
         metadata=dict(request.metadata),
         tags=list(request.tags),
         send_at=send_at,
+        **_raw_thread_fields(raw.data),
     )
+
+
+def _raw_thread_fields(data: bytes) -> dict[str, str | None]:
+    head = summarize(data)
+    return _thread_of(head.message_id, head.in_reply_to, head.references)
 
 
 def raw_request_hash(request: RawSendRequest, data: bytes) -> str:
@@ -458,7 +527,6 @@ def raw_request_hash(request: RawSendRequest, data: bytes) -> str:
 
 
 _THREAD_ID = re.compile(r"<[^<>\s@]+@[^<>\s@]+>")
-MAX_REFERENCES = 20  # the newest ids kept in References (RFC 5322 allows trimming)
 
 
 def reply_request(request: SendRequest, original: bytes, account_email: str) -> SendRequest:
@@ -466,13 +534,12 @@ def reply_request(request: SendRequest, original: bytes, account_email: str) -> 
     References, the ``Re:`` subject and the recipients, each only where not given."""
     head = BytesHeaderParser(policy=email_policy.default).parsebytes(original)
     message_id = _one_id(head.get("Message-ID"))
-    references = [m for m in _THREAD_ID.findall(str(head.get("References") or ""))]
-    if not references and (parent := _one_id(head.get("In-Reply-To"))):
-        references = [parent]
     headers = dict(request.headers)
     if message_id is not None:
-        earlier = [r for r in references if _valid_id(r) and r != message_id]
-        references = [*earlier[-(MAX_REFERENCES - 1) :], message_id]
+        found = _THREAD_ID.findall(str(head.get("References") or ""))
+        references = answer_references(
+            [r for r in found if _valid_id(r)], _one_id(head.get("In-Reply-To")), message_id
+        )
         given = {name.lower() for name in headers}
         if "in-reply-to" not in given:
             headers["In-Reply-To"] = message_id
@@ -506,6 +573,18 @@ def reply_request(request: SendRequest, original: bytes, account_email: str) -> 
     )
 
 
+def forward_request(request: SendRequest, original: bytes) -> SendRequest:
+    """``request`` with what forwarding ``original`` (its raw bytes) fills in: the ``Fwd:``
+    subject and ``References`` (the original's and its Message-ID), each only where not
+    given; recipients and bodies stay the caller's (see :func:`prepare`)."""
+    found = forward_headers(original)
+    headers = dict(request.headers)
+    if found.references and "references" not in {name.lower() for name in headers}:
+        headers["References"] = found.references
+    subject = found.subject if request.subject is None else request.subject
+    return msgspec.structs.replace(request, subject=subject[:MAX_SUBJECT_CHARS], headers=headers)
+
+
 def _valid_id(value: str) -> bool:
     return len(value) <= 250 and value.isascii() and value.isprintable()
 
@@ -537,6 +616,18 @@ def _mailboxes_of(head: Any, name: str) -> list[NamedAddress]:
             display = None
         found.append(NamedAddress(address=address, name=display))
     return found
+
+
+def _check_forward_fields(request: SendRequest) -> None:
+    """A message is answered or forwarded, not both; ``forward_as`` goes with a forward."""
+    if request.forward_message is not None and request.reply_to_message is not None:
+        raise _invalid(
+            "forward_message",
+            "give either reply_to_message or forward_message, not both",
+            "conflicting_fields",
+        )
+    if request.forward_as is not None and request.forward_message is None:
+        raise _invalid("forward_as", "only with forward_message", "validation_error")
 
 
 def _invalid(field: str, message: str, code: str) -> Invalid:
@@ -577,11 +668,16 @@ class SendingService:
             known = await self._outbox.find_key(account.id, idempotency_key)
             if known is not None:
                 return await self._replay(account.id, known, digest)
+        _check_forward_fields(request)
+        original: bytes | None = None
         if request.reply_to_message is not None:
             request = await self._as_reply(tenant, account, request)
         elif request.reply_all:
             raise _invalid("reply_all", "only with reply_to_message", "validation_error")
-        outgoing = await self._prepare(account, request, idempotency_key, digest)
+        elif request.forward_message is not None:
+            request, original = await self._as_forward(tenant, account, request)
+        outgoing = await self._prepare(account, request, idempotency_key, digest, original)
+        outgoing = await self._join_parent_thread(outgoing)
         try:
             known = await self._outbox.accept(outgoing)
         except DuplicateError:
@@ -601,6 +697,14 @@ class SendingService:
             raise _invalid("reply_to_message", "replies are not available", "validation_error")
         original = await self._messages.raw(tenant, account.id, request.reply_to_message)
         return reply_request(request, original, account.email)
+
+    async def _as_forward(
+        self, tenant: str, account: Account, request: SendRequest
+    ) -> tuple[SendRequest, bytes]:
+        if self._messages is None or request.forward_message is None:
+            raise _invalid("forward_message", "forwards are not available", "validation_error")
+        original = await self._messages.raw(tenant, account.id, request.forward_message)
+        return forward_request(request, original), original
 
     async def send_raw(
         self,
@@ -636,6 +740,7 @@ class SendingService:
     async def _commit(
         self, tenant: str, account: Account, outgoing: NewOutgoing, digest: str | None
     ) -> Accepted:
+        outgoing = await self._join_parent_thread(outgoing)
         try:
             known = await self._outbox.accept(outgoing)
         except DuplicateError:
@@ -647,14 +752,26 @@ class SendingService:
             self._notifier.publish(Topic.OUTBOX, account.id)
         return Accepted(outgoing.as_message(), replayed=False)
 
+    async def _join_parent_thread(self, outgoing: NewOutgoing) -> NewOutgoing:
+        """``outgoing`` in its root's thread when the account has stored or sent the root
+        (see :func:`service.domain.threads.root_to_look_up`): a reply to a message that
+        named only its parent joins that message's thread."""
+        if outgoing.thread_root is None:
+            return outgoing
+        thread = await self._outbox.thread_of(outgoing.account_id, outgoing.thread_root)
+        if thread is None or thread == outgoing.thread_id:
+            return outgoing
+        return msgspec.structs.replace(outgoing, thread_id=thread)
+
     async def _prepare(
         self,
         account: Account,
         request: SendRequest,
         idempotency_key: str | None,
         digest: str | None,
+        original: bytes | None = None,
     ) -> NewOutgoing:
-        attachments, input_bytes = _check_request(request, self._limits)
+        attachments, input_bytes = _check_request(request, self._limits, original)
         build = functools.partial(
             _build,
             account,
@@ -664,6 +781,7 @@ class SendingService:
             now=utcnow(),
             idempotency_key=idempotency_key,
             hash_of_request=digest,
+            original=original,
         )
         if input_bytes >= COMPOSE_IN_THREAD_BYTES:
             return await asyncio.to_thread(build)

@@ -135,8 +135,11 @@ def test_send_request_schema_states_the_rules_the_server_applies() -> None:
     assert schema["additionalProperties"] is False
     # "At least one of" as one `not`: the body is none of "every field of a group empty".
     groups = [set(empty["properties"]) for empty in schema["not"]["anyOf"]]
-    # A reply takes its recipients from the message it answers.
-    assert groups == [{"to", "cc", "bcc", "reply_to_message"}, {"text", "html"}]
+    # A reply takes its recipients from the message it answers; a forward needs no body.
+    assert groups == [
+        {"to", "cc", "bcc", "reply_to_message"},
+        {"text", "html", "forward_message"},
+    ]
     assert "anyOf" not in schema and "allOf" not in schema
     text, named = schema["properties"]["to"]["items"]["oneOf"]
     assert text["type"] == "string" and text["maxLength"] == MAX_NAMED_ADDRESS_CHARS

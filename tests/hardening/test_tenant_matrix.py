@@ -137,3 +137,42 @@ def test_tenant_a_resources_survive_tenant_b(world: dict[str, str]) -> None:
     assert message.status_code == 200
     listing = httpx.get(f"{base}/v1/accounts", headers=B).json()
     assert listing["items"] == []
+
+
+@pytest.mark.parametrize("field", ["forward_message", "reply_to_message"])
+def test_other_tenant_cannot_forward_or_answer_a_message_of_a(
+    world: dict[str, str], field: str
+) -> None:
+    """B's own account naming A's stored message: 404, as if it did not exist."""
+    base = world["base"]
+    own = httpx.post(
+        f"{base}/v1/accounts",
+        headers=B,
+        json={
+            "name": f"b-{field}",
+            "email": "b@example.com",
+            "incoming": {
+                "host": "127.0.0.1",
+                "port": 1110,
+                "security": "none",
+                "username": "b",
+                "password": "b",
+            },
+            "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
+        },
+        timeout=30,
+    )
+    assert own.status_code == 201, own.text
+    account = f"{base}/v1/accounts/{own.json()['id']}"
+    try:
+        response = httpx.post(
+            f"{account}/outbox",
+            headers=B,
+            json={"to": ["x@example.com"], "text": "hi", field: world["message_id"]},
+            timeout=30,
+        )
+    finally:
+        # B has no account in the other tests of this module.
+        assert httpx.delete(account, headers=B, timeout=30).status_code == 204
+    assert response.status_code == 404, response.text
+    assert response.json()["code"] == "not_found"

@@ -29,6 +29,7 @@ from litestar.testing import AsyncTestClient
 
 from service.app import create_app
 from service.config import ApiKey, Settings
+from service.domain.threads import SQLITE_FUNCTION, thread_id_of
 from service.domain.time import to_text, utcnow
 from service.repository.migrations import MIGRATIONS
 from service.repository.postgres.migrations import migrate as migrate_postgres
@@ -460,6 +461,8 @@ async def test_an_older_sqlite_store_is_brought_to_this_version_first(
     """A store last served by an older Mailroom: migrated as a start would, then copied."""
     db = tmp_path / "mailroom.db"
     with sqlite3.connect(db, isolation_level=None) as conn:
+        # As Mailroom's own connections: migration 13 names old threads with it.
+        conn.create_function(SQLITE_FUNCTION, 1, thread_id_of, deterministic=True)
         for version, script in MIGRATIONS[:-1]:
             conn.executescript(script)
             conn.execute(f"PRAGMA user_version={version}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,8 @@ from litestar.testing import AsyncTestClient
 from service.app import create_app
 from service.config import Settings
 from tests.api.conftest import API_KEY, make_settings
+from tests.servers.dovecot import Dovecot, Mailbox
+from tests.servers.postfix import Postfix, bouncing_postfix_for_test
 from tests.servers.smtp import SMTPD_USERS, SMTPDServer, SmtpSink, SMTPTLSFiles
 
 WAIT_S = 30  # upper bound for a status to be reached; only keeps a broken test from hanging
@@ -65,6 +67,19 @@ async def client_factory(
 @pytest.fixture
 async def client(client_factory: ClientFactory) -> AsyncTestClient[Any]:
     return await client_factory()
+
+
+@pytest.fixture
+def maildir(dovecot: Dovecot) -> Mailbox:
+    return dovecot.add_user()
+
+
+@pytest.fixture
+def postfix_to_dovecot(dovecot: Dovecot, maildir: Mailbox) -> Iterator[Postfix]:
+    """A real Postfix delivering everything for its domain into ``maildir``'s Maildir (and
+    bouncing mail for its bounce domain), so what was sent can be read back over POP3."""
+    with bouncing_postfix_for_test(dovecot.directory / "mail", maildir.user) as server:
+        yield server
 
 
 def outgoing_for(

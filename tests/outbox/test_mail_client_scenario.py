@@ -7,54 +7,22 @@ import asyncio
 import base64
 import email
 import email.policy
-from collections.abc import AsyncIterator, Iterator
 from email.message import EmailMessage
-from pathlib import Path
 from typing import Any
 
-import pytest
 from litestar.testing import AsyncTestClient
 
-from tests.api.conftest import API_KEY
-from tests.outbox.conftest import in_app, outbox_settings
 from tests.retrieval.conftest import all_messages, retrieve
 from tests.servers.dovecot import Dovecot, Mailbox
 from tests.servers.postfix import (
     POSTFIX_DOMAIN,
     Postfix,
-    bouncing_postfix_for_test,
 )
-from tests.servers.smtp import SMTPTLSFiles
 from tests.waiting import until
 
 PNG = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
-
-
-@pytest.fixture
-def maildir(dovecot: Dovecot) -> Mailbox:
-    return dovecot.add_user()
-
-
-@pytest.fixture
-def postfix_to_dovecot(dovecot: Dovecot, maildir: Mailbox) -> Iterator[Postfix]:
-    """Postfix delivering everything for its domain into ``maildir``'s Maildir."""
-    with bouncing_postfix_for_test(dovecot.directory / "mail", maildir.user) as server:
-        yield server
-
-
-@pytest.fixture
-async def client(
-    tmp_path: Path, smtp_tls_files: SMTPTLSFiles, dovecot: Dovecot
-) -> AsyncIterator[AsyncTestClient[Any]]:
-    from service.app import create_app
-
-    settings = outbox_settings(tmp_path, smtp_tls_files, ca_file=dovecot.ca_file)
-    async with AsyncTestClient(app=create_app(settings)) as test_client:
-        test_client.headers["Authorization"] = f"Bearer {API_KEY}"
-        yield test_client
-        await in_app(test_client, test_client.app.state.delivery.stop)
 
 
 async def test_named_recipients_and_inline_images_as_the_recipient_reads_them(

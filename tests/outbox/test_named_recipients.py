@@ -57,8 +57,12 @@ async def test_names_in_every_form_reach_the_recipient_encoded(
     )
     assert [r["address"] for r in accepted["recipients"]] == [bob, carol, dave, zed]
     assert [r["kind"] for r in accepted["recipients"]] == ["to", "to", "cc", "bcc"]
+    # The names as sent are shown with each recipient; a Bcc recipient's never was sent.
+    names = ["Bob Müller", "Carol, Jr.", "Dave D.", None]
+    assert [r["name"] for r in accepted["recipients"]] == names
     done = await wait_status(client, account_id, accepted["id"])
     assert done["status"] == "sent", done
+    assert [r["name"] for r in done["recipients"]] == names
 
     raw = await client.get(f"/v1/accounts/{account_id}/outbox/{accepted['id']}/raw")
     assert zed.encode() not in raw.content and b"Hidden Zed" not in raw.content

@@ -49,15 +49,16 @@ async def test_a_raw_message_is_sent_as_is_without_bcc_and_with_ids_added(
     accepted = await post_raw(client, account_id, RAW)
     assert accepted["status"] == "queued"
     assert accepted["subject"] == "Grüße"
-    assert [(r["address"], r["kind"]) for r in accepted["recipients"]] == [
-        ("bob@example.org", "to"),
-        ("carol@example.org", "to"),
-        ("dave@example.org", "cc"),
-        ("eve@example.org", "bcc"),
-        ("zed@example.org", "bcc"),
+    assert [(r["address"], r["kind"], r["name"]) for r in accepted["recipients"]] == [
+        ("bob@example.org", "to", "Bob"),
+        ("carol@example.org", "to", None),
+        ("dave@example.org", "cc", None),
+        ("eve@example.org", "bcc", None),  # named in the Bcc header, which is not sent
+        ("zed@example.org", "bcc", None),
     ]
     done = await wait_status(client, account_id, accepted["id"])
     assert done["status"] == "sent", done
+    assert [r["name"] for r in done["recipients"]] == ["Bob", None, None, None, None]
     [received] = smtpd.messages
     assert received.mail_from == "alice@example.com"
     assert set(received.rcpt_tos) == {

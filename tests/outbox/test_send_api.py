@@ -41,6 +41,7 @@ async def test_accepted_message_is_queued_with_fixed_ids_then_sent(
     assert accepted["recipients"] == [
         {
             "address": "bob@example.org",
+            "name": None,
             "kind": "to",
             "status": "pending",
             "smtp_code": None,

@@ -31,6 +31,7 @@ from service.pop3 import (
     UpdateFailed,
 )
 from service.pop3 import errors as pop3_errors
+from tests.waiting import until
 
 from .conftest import FaultTLS, StartServer
 from .fault_server import MiniPOP3, Session
@@ -679,6 +680,34 @@ async def test_cancelled_operation_makes_the_client_unusable(serve: StartServer)
             await task
         assert not pop.usable
     assert "QUIT" not in server.commands()
+
+
+async def test_quit_nowait_sends_quit_and_closes(serve: StartServer) -> None:
+    mini = MiniPOP3(messages=messages(2))
+    server = await serve(mini)
+    async with client(server.port) as pop:
+        await pop.login("alice", "secret")
+        await pop.uidl()
+        pop.quit_nowait()
+        assert not pop.usable
+    # QUIT reaches the server once (the context's exit sends no second one).
+    commands = await until(lambda: asyncio.sleep(0, server.commands()), lambda seen: "QUIT" in seen)
+    assert commands.count("QUIT") == 1
+    assert mini.deleted_at_quit == []
+
+
+async def test_quit_nowait_after_dele_does_not_commit_them_blindly(serve: StartServer) -> None:
+    # With deletions marked, QUIT must be answered: quit_nowait only drops the connection.
+    mini = MiniPOP3(messages=messages(2))
+    server = await serve(mini)
+    async with client(server.port) as pop:
+        await pop.login("alice", "secret")
+        await pop.dele(1)
+        pop.quit_nowait()
+        assert not pop.usable
+    await asyncio.sleep(0.05)
+    assert "QUIT" not in server.commands()
+    assert mini.deleted_at_quit == []
 
 
 async def test_exception_inside_async_with_sends_no_quit(serve: StartServer) -> None:

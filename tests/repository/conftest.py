@@ -17,6 +17,7 @@ from service.domain.enums import RecipientKind, Security
 from service.domain.ids import new_id
 from service.domain.outbox import NewOutgoing, NewRecipient
 from service.domain.retrievals import MessageSummary, NewMessage
+from service.domain.threads import thread_id_for
 from service.repository.store import Store, create_store
 from tests.servers.postgres import new_database
 
@@ -95,6 +96,16 @@ def new_message(account_id: str, n: int, **overrides: Any) -> NewMessage:
         "has_attachments": n % 2 == 0,
     }
     values.update(overrides)
+    # As a retrieval names it: from the message's own headers (the store may move it).
+    values.setdefault(
+        "thread_id",
+        thread_id_for(
+            values["message_id"],
+            values.get("in_reply_to"),
+            values.get("references", []),
+            values["id"],
+        ),
+    )
     raw = bytes(range(256)) + f"message {n}\r\n".encode()
     return NewMessage(summary=MessageSummary(**values), raw=raw)
 

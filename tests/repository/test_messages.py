@@ -148,7 +148,7 @@ async def test_every_filter_through_its_index_gives_the_scan_s_answer(
     # The other account's matches never show.
     theirs = await running(store, other)
     await store.messages.store_batch(
-        other.id, [new_message(other.id, 5, subject="Needle_%x theirs")], theirs.id, NO_PROGRESS
+        other.id, [new_message(other.id, 5, subject="Needle_%x thëirs")], theirs.id, NO_PROGRESS
     )
     summaries = [m.summary for m in reversed(batch)]
 
@@ -211,6 +211,23 @@ async def test_every_filter_through_its_index_gives_the_scan_s_answer(
                 (has(s.subject, "report 1") or has(s.from_, "report 1")) and s.has_attachments
             ),
         ),
+        # Two common filters that rarely match together (one index lookup for both).
+        (
+            MessageFilter(subject_contains="REPORT", from_contains="s25"),
+            lambda s: has(s.subject, "report") and has(s.from_, "s25"),
+        ),
+        # Two one-column filters and a q: their index sets intersected.
+        (
+            MessageFilter(subject_contains="needle", to_contains="rare", text_contains="E.ORG"),
+            lambda s: (
+                has(s.subject, "needle")
+                and any(has(t, "rare") for t in s.to)
+                and any(has(v, "e.org") for v in (s.subject, s.from_, *s.to))
+            ),
+        ),
+        # Only ASCII case is ignored: Ü and ü differ (both stores, both plans).
+        (MessageFilter(subject_contains='"üNÏ'), lambda s: False),
+        (MessageFilter(subject_contains='"ÜNï'), lambda s: s.uidl in rare_uidls),
     ]
     for flt, keep in cases:
         assert await listed(flt) == expected(keep), flt
@@ -222,6 +239,12 @@ async def test_every_filter_through_its_index_gives_the_scan_s_answer(
         other.id, MessageFilter(subject_contains="needle"), after=None, limit=50
     )
     assert [m.uidl for m in theirs_page.items] == ["uidl-5"]
+    # Read from the window: ASCII case ignored, not Ë against ë.
+    for needle, uidls in (("THëIRS", ["uidl-5"]), ("THËIRS", [])):
+        theirs_page = await store.messages.page(
+            other.id, MessageFilter(subject_contains=needle), after=None, limit=50
+        )
+        assert [m.uidl for m in theirs_page.items] == uidls, needle
 
     # Kept in step with deletes (the local delete and the account's).
     await store.messages.delete(account.id, batch[17].summary.id)

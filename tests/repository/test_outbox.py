@@ -17,6 +17,7 @@ from service.domain.outbox import (
     OutgoingError,
     RecipientUpdate,
 )
+from service.domain.time import utcnow
 from service.repository.errors import DuplicateError
 from service.repository.outbox import ExistingKey
 from service.repository.store import Store
@@ -33,6 +34,16 @@ async def test_accepted_message_reads_back(store: Store, account: Account) -> No
     assert await store.outbox.raw(account.id, message.id) == message.raw
     assert await store.outbox.get("acc_other", message.id) is None
     assert await store.stats.outbox_by_status() == {"queued": 1}
+
+
+async def test_scheduled_messages_are_counted_apart_until_due(
+    store: Store, account: Account
+) -> None:
+    ahead = utcnow() + timedelta(hours=1)
+    await store.outbox.accept(new_outgoing(account.id, send_at=ahead))
+    await store.outbox.accept(new_outgoing(account.id, send_at=T0))  # already due: queued
+    await store.outbox.accept(new_outgoing(account.id))
+    assert await store.stats.outbox_by_status() == {"scheduled": 1, "queued": 2}
 
 
 async def test_idempotency_key_names_the_first_message(store: Store, account: Account) -> None:

@@ -191,13 +191,22 @@ class FlakyFinish:
         error: RetrievalError | None,
         *,
         next_poll_at: datetime | None = None,
+        tenant: str | None = None,
+        account_id: str | None = None,
     ) -> None:
         if FlakyFinish.failures > 0:
             FlakyFinish.failures -= 1
             FlakyFinish.refused.append(retrieval_id)
             raise StorageFullError("database or disk is full")
         await self._inner.finish(
-            retrieval_id, status, at, progress, error, next_poll_at=next_poll_at
+            retrieval_id,
+            status,
+            at,
+            progress,
+            error,
+            next_poll_at=next_poll_at,
+            tenant=tenant,
+            account_id=account_id,
         )
 
 

@@ -23,6 +23,9 @@ from litestar.testing import AsyncTestClient
 from service.app import create_app
 from service.config import Settings
 from service.domain.accounts import Account, RetrievalPolicy
+from service.domain.enums import RetrievalStatus, RetrievalTrigger
+from service.domain.ids import new_id
+from service.domain.retrievals import Retrieval
 from service.domain.time import utcnow
 from service.repository.store import Store, create_store
 from service.services.scheduler import (
@@ -322,3 +325,44 @@ def scripted_account(port: int, **retrieval: Any) -> dict[str, Any]:
         "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
         "retrieval": retrieval,
     }
+
+
+async def test_a_poll_stored_at_its_end_has_its_record_and_event(
+    tmp_path: Path, dovecot: Any
+) -> None:
+    # ``add_ended`` (both stores): the row as it ended, its event, in one transaction; an
+    # account deleted meanwhile gets neither.
+    settings = settings_for(tmp_path, dovecot, scheduler_interval_s=HOUR_S)
+    async with running(settings) as client:
+        account = await create_account(client, dovecot, dovecot.add_user())
+        now = utcnow()
+        ended = Retrieval(
+            id=new_id("ret"),
+            account_id=account,
+            trigger=RetrievalTrigger.SCHEDULE,
+            status=RetrievalStatus.SUCCEEDED,
+            created_at=now,
+            started_at=now,
+            finished_at=now + timedelta(milliseconds=5),
+            messages_on_server=3,
+        )
+        async with own_store(settings) as store:
+            stored = await store.retrievals.add_ended(
+                ended, tenant="default", next_poll_at=now + timedelta(hours=1)
+            )
+            assert stored
+            # Not polled: the next poll is left unset.
+            assert await store.accounts.next_poll_at(account) is None
+            gone = msgspec.structs.replace(ended, id=new_id("ret"), account_id="acc_gone")
+            assert not await store.retrievals.add_ended(gone, tenant="default")
+        (listed,) = await retrievals_of(client, account)
+        assert (listed["id"], listed["status"], listed["trigger"]) == (
+            ended.id,
+            "succeeded",
+            "schedule",
+        )
+        assert listed["messages_on_server"] == 3 and listed["finished_at"] is not None
+        events = (await client.get("/v1/events")).json()["items"]
+        assert [
+            e["data"]["retrieval_id"] for e in events if e["type"] == "retrieval.succeeded"
+        ] == [ended.id]

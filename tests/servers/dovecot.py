@@ -206,10 +206,11 @@ def _config(
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {d}/users/%u
 }}"""
-    auth_service = ""
+    # An auth socket for Postfix's SASL (smtpd_sasl_type = dovecot): a Postfix submission
+    # port accepts the logins this Dovecot accepts.
+    auth_service = "service auth {\n  unix_listener auth-postfix {\n    mode = 0666\n  }\n}\n"
     if introspection_url is not None:
-        # OAuth2 only: bearer tokens checked at the provider's introspection endpoint, and
-        # an auth socket for Postfix's SASL (smtpd_sasl_type = dovecot).
+        # OAuth2 only: bearer tokens checked at the provider's introspection endpoint.
         (d / "oauth2.conf").write_text(
             f"introspection_mode = post\nintrospection_url = {introspection_url}\n"
             "username_attribute = username\nactive_attribute = active\nactive_value = true\n"
@@ -220,7 +221,6 @@ def _config(
             f"passdb {{\n  driver = oauth2\n  mechanisms = {oauth_mechanisms}\n"
             f"  args = {d}/oauth2.conf\n}}"
         )
-        auth_service = "service auth {\n  unix_listener auth-postfix {\n    mode = 0666\n  }\n}\n"
     tls = ""
     if ssl != "no":
         tls = f"ssl_cert = <{d}/cert.pem\nssl_key = <{d}/key.pem\n"
@@ -346,9 +346,11 @@ def running_dovecot(
     ``cert_names``: more names the server certificate is valid for (autoconfig tests).
 
     ``introspection_url``: an OAuth2 variant: logins only with XOAUTH2 or OAUTHBEARER,
-    the bearer token checked at this RFC 7662 endpoint (``tests/servers/oauth.py``); its
-    auth socket for Postfix is ``server.auth_socket``; ``oauth_mechanisms`` narrows the
+    the bearer token checked at this RFC 7662 endpoint (``tests/servers/oauth.py``);
+    ``oauth_mechanisms`` narrows the
     mechanisms offered (to POP3 clients and through Postfix).
+
+    Its auth socket for a Postfix's SASL is ``server.auth_socket`` (every variant).
 
     ``listen`` takes Dovecot's syntax (``"127.0.0.1, 127.0.0.2"``); with
     ``plaintext_auth=False`` it refuses logins before TLS on connections it does not

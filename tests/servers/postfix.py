@@ -34,7 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,6 +232,20 @@ smtpd_tls_key_file = {d}/conf/key.pem
     return main, master
 
 
+def _with_submission(directory: Path, submission: tuple[Path, trustme.CA]) -> tuple[str, str, int]:
+    """The certificate for the submission port (issued by the given CA) written to conf/,
+    and :func:`_submission`'s additions for a new port, with that port."""
+    auth_socket, ca = submission
+    conf = directory / "conf"
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(conf / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(conf / "key.pem"))
+    (conf / "key.pem").chmod(0o600)
+    port = _free_port()
+    main_extra, master_extra = _submission(directory, auth_socket, port)
+    return main_extra, master_extra, port
+
+
 def _start(
     directory: Path, binary: str, submission: tuple[Path, trustme.CA] | None = None
 ) -> Postfix:
@@ -254,13 +268,7 @@ def _start(
     master_cf = _MASTER_CF.format(listen=f"127.0.0.1:{port}")
     submission_port = None
     if submission is not None:
-        auth_socket, ca = submission
-        cert = ca.issue_cert("localhost", "127.0.0.1")
-        cert.cert_chain_pems[0].write_to_path(str(conf / "cert.pem"))
-        cert.private_key_pem.write_to_path(str(conf / "key.pem"))
-        (conf / "key.pem").chmod(0o600)
-        submission_port = _free_port()
-        main_extra, master_extra = _submission(directory, auth_socket, submission_port)
+        main_extra, master_extra, submission_port = _with_submission(directory, submission)
         main_cf += main_extra
         master_cf += master_extra
     (conf / "main.cf").write_text(main_cf)
@@ -339,13 +347,18 @@ def postfix() -> Iterator[Postfix]:
 
 
 @contextlib.contextmanager
-def bouncing_postfix_for_test(mail_base: Path, maildir: str) -> Iterator[Postfix]:
+def bouncing_postfix_for_test(
+    mail_base: Path,
+    maildir: str,
+    routes: Mapping[str, str] | None = None,
+    submission: tuple[Path, trustme.CA] | None = None,
+) -> Iterator[Postfix]:
     """:func:`running_bouncing_postfix` for a test: skipped when Postfix is not installed,
     failed with Postfix's own account when it cannot start."""
     if _postfix_binary() is None:
         pytest.skip("the postfix binary is missing (scripts/test.sh installs the package postfix)")
     try:
-        with running_bouncing_postfix(mail_base, maildir) as server:
+        with running_bouncing_postfix(mail_base, maildir, routes, submission) as server:
             yield server
     except PostfixUnavailable as exc:  # pragma: no cover - a broken setup, shown in full
         pytest.fail(str(exc))
@@ -362,24 +375,34 @@ exit 67
 
 
 @contextlib.contextmanager
-def running_bouncing_postfix(mail_base: Path, maildir: str) -> Iterator[Postfix]:
+def running_bouncing_postfix(
+    mail_base: Path,
+    maildir: str,
+    routes: Mapping[str, str] | None = None,
+    submission: tuple[Path, trustme.CA] | None = None,
+) -> Iterator[Postfix]:
     """A Postfix that delivers mail for :data:`POSTFIX_DOMAIN` (the DSNs it sends back
     included) into ``mail_base/maildir/`` and bounces mail for :data:`BOUNCE_DOMAIN` after
     accepting it. ``mail_base`` is typically a Dovecot's mail directory and ``maildir`` one
-    of its users, so the DSNs can be retrieved over POP3."""
+    of its users, so the DSNs can be retrieved over POP3. ``routes`` (local part: maildir)
+    delivers those addresses into their own maildirs instead (several recipients, each
+    reading their own mail); ``submission``: also a submission port, as
+    :func:`running_postfix` has."""
+    routes = dict(routes or {})
     binary = _postfix_binary()
     if binary is None:
         raise PostfixUnavailable("the postfix binary is missing: install the package postfix")
     if os.geteuid() != 0:
         raise PostfixUnavailable("Postfix instances need root to start")
-    if not re.fullmatch(_LOCAL_PART, maildir):
-        raise ValueError(f"maildir {maildir!r} does not match {_LOCAL_PART}")
+    for name in (maildir, *routes, *routes.values()):
+        if not re.fullmatch(_LOCAL_PART, name):
+            raise ValueError(f"{name!r} does not match {_LOCAL_PART}")
     attempts = 0
     while True:
         directory = Path(tempfile.mkdtemp(prefix="mailroom-postfix-bounce-"))
         directory.chmod(0o755)
         try:
-            server = _start_bouncing(directory, binary, mail_base, maildir)
+            server = _start_bouncing(directory, binary, mail_base, maildir, routes, submission)
             break
         except PostfixUnavailable:
             _remove(directory)
@@ -393,7 +416,14 @@ def running_bouncing_postfix(mail_base: Path, maildir: str) -> Iterator[Postfix]
         _remove(directory)
 
 
-def _start_bouncing(directory: Path, binary: str, mail_base: Path, maildir: str) -> Postfix:
+def _start_bouncing(
+    directory: Path,
+    binary: str,
+    mail_base: Path,
+    maildir: str,
+    routes: Mapping[str, str],
+    submission: tuple[Path, trustme.CA] | None,
+) -> Postfix:
     try:
         vmail = ensure_vmail_user()
     except DovecotUnavailable as exc:
@@ -403,7 +433,10 @@ def _start_bouncing(directory: Path, binary: str, mail_base: Path, maildir: str)
         (directory / sub).mkdir(mode=0o755, exist_ok=True)
     shutil.chown(directory / "data", "postfix")
     domain = re.escape(POSTFIX_DOMAIN)
-    (conf / "vmailbox").write_text(f"/@{domain}$/ {maildir}/\n", encoding="utf-8")
+    # The first matching pattern wins: the routed addresses, then everything else.
+    lines = [f"/^{re.escape(local)}@{domain}$/ {target}/\n" for local, target in routes.items()]
+    lines.append(f"/@{domain}$/ {maildir}/\n")
+    (conf / "vmailbox").write_text("".join(lines), encoding="utf-8")
     (conf / "transport").write_text(f"{BOUNCE_DOMAIN} bouncer:\n", encoding="utf-8")
     script = conf / "bouncer.sh"
     script.write_text(BOUNCE_SCRIPT, encoding="utf-8")
@@ -417,16 +450,22 @@ def _start_bouncing(directory: Path, binary: str, mail_base: Path, maildir: str)
         # One recipient per run of the command, so each gets its own diagnostic.
         "bouncer_destination_recipient_limit = 1\n"
     )
-    (conf / "main.cf").write_text(main_cf)
     master_cf = _MASTER_CF.format(listen=f"127.0.0.1:{port}") + (
         f"bouncer   unix  -       n       n       -       -       pipe\n"
         f"  flags=q user=nobody argv={script} ${{recipient}}\n"
     )
+    submission_port = None
+    if submission is not None:
+        main_extra, master_extra, submission_port = _with_submission(directory, submission)
+        main_cf += main_extra
+        master_cf += master_extra
+    (conf / "main.cf").write_text(main_cf)
     (conf / "master.cf").write_text(master_cf)
     started = subprocess.run(
         [binary, "-c", str(conf), "start"], capture_output=True, text=True, check=False
     )
     server = Postfix(directory, port, binary, vmail.pw_uid, vmail.pw_gid)
+    server.submission_port = submission_port
     if started.returncode != 0:
         server.stop()
         raise PostfixUnavailable(f"postfix start failed:\n{started.stdout}{started.stderr}")

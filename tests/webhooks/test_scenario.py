@@ -152,6 +152,9 @@ async def test_every_change_reaches_the_webhook_and_the_feed_once(
     assert received[0]["from"] == "Bob <bob@example.org>"
     assert received[0]["internet_message_id"] == "<report-1@example.org>"
     assert received[0]["has_attachments"] is False and received[0]["size"] > 0
+    stored = (await client.get(f"/v1/accounts/{reader}/messages")).json()["items"]
+    threads = {m["message_id"]: m["thread_id"] for m in stored}
+    assert received[0]["thread_id"] == threads["<report-1@example.org>"]
     done = by_type[(reader, "retrieval.succeeded")]["data"]
     assert done["messages_downloaded"] == 2 and done["error_code"] is None
 

@@ -316,6 +316,27 @@ CREATE INDEX outbox_metadata ON outbox USING gin (metadata jsonb_path_ops)
 CREATE INDEX messages_message_id ON messages (account_id, message_id)
 """
 
+V13_THREADS = """
+-- Threads (as on SQLite): In-Reply-To, References (a JSON array as text, NULL when none)
+-- and the thread of a stored message; the thread of an outgoing message.
+ALTER TABLE messages ADD COLUMN in_reply_to text, ADD COLUMN references_json text,
+    ADD COLUMN thread_id text COLLATE "C";
+ALTER TABLE outbox ADD COLUMN thread_id text COLLATE "C";
+-- Rows stored before: each its own thread, named after its Message-ID (else its id) by
+-- the digest of service.domain.threads ('thr_' and 24 hex digits of SHA-256).
+UPDATE messages SET thread_id = 'thr_'
+    || left(encode(sha256(convert_to(coalesce(message_id, id), 'UTF8')), 'hex'), 24);
+UPDATE outbox SET thread_id = 'thr_'
+    || left(encode(sha256(convert_to(message_id, 'UTF8')), 'hex'), 24);
+CREATE INDEX messages_thread ON messages (account_id, thread_id);
+CREATE INDEX outbox_thread ON outbox (account_id, thread_id)
+"""
+
+V14_RECIPIENT_NAMES = """
+-- An outgoing recipient's display name as sent (To/Cc/Reply-To header), NULL when none.
+ALTER TABLE outbox_recipients ADD COLUMN name TEXT
+"""
+
 MIGRATIONS: list[tuple[int, str]] = [
     (5, V5_SCHEMA),
     (6, V6_MESSAGE_FILTERS),
@@ -325,6 +346,8 @@ MIGRATIONS: list[tuple[int, str]] = [
     (10, V10_BOUNCES),
     (11, V11_OAUTH2),
     (12, V12_SEND_OPTIONS),
+    (13, V13_THREADS),
+    (14, V14_RECIPIENT_NAMES),
 ]
 
 

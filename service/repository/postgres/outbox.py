@@ -52,7 +52,7 @@ from service.repository.postgres.events import emit_outgoing_outcomes, emit_outg
 _COLUMNS = (
     "id, account_id, message_id, status, subject, size, idempotency_key, created_at,"
     " updated_at, next_attempt_at, sent_at, expires_at, attempt_count, last_error_code,"
-    " last_error_detail, metadata, tags, send_at"
+    " last_error_detail, metadata, tags, send_at, thread_id"
 )
 _PAUSED = (
     "(SELECT smtp_pause_code IS NOT NULL FROM accounts WHERE id = outbox.account_id) AS paused"
@@ -164,6 +164,20 @@ class PgOutboxRepository:
         )
         return None if row is None else ExistingKey(row["id"], row["request_hash"])
 
+    async def thread_of(self, account_id: str, message_id: str) -> str | None:
+        """The thread of the account's stored or sent message with this Message-ID (the
+        oldest of each kind; a stored one first), None when it has neither."""
+        value = await self._db.fetch_value(
+            "SELECT coalesce("
+            "(SELECT thread_id FROM messages WHERE account_id = $1 AND message_id = $2"
+            " ORDER BY id LIMIT 1),"
+            " (SELECT thread_id FROM outbox WHERE account_id = $1 AND message_id = $2"
+            " ORDER BY id LIMIT 1))",
+            account_id,
+            message_id,
+        )
+        return None if value is None else str(value)
+
     # -- reading ------------------------------------------------------------------------
 
     async def get(self, account_id: str, outgoing_id: str) -> OutgoingMessage | None:
@@ -209,13 +223,14 @@ class PgOutboxRepository:
         ids = [row["id"] for row in rows]
         recipients: dict[str, list[Recipient]] = {i: [] for i in ids}
         for r in await self._db.fetch_all(
-            "SELECT outgoing_id, address, kind, status, smtp_code, smtp_message"
+            "SELECT outgoing_id, address, kind, status, smtp_code, smtp_message, name"
             " FROM outbox_recipients WHERE outgoing_id = ANY($1) ORDER BY outgoing_id, position",
             ids,
         ):
             recipients[r["outgoing_id"]].append(
                 Recipient(
                     address=r["address"],
+                    name=r["name"],
                     kind=RecipientKind(r["kind"]),
                     status=RecipientStatus(r["status"]),
                     smtp_code=r["smtp_code"],
@@ -574,8 +589,9 @@ class PgOutboxRepository:
 _INSERT_OUTBOX = (
     "INSERT INTO outbox (id, account_id, message_id, status, mail_from, subject, smtputf8,"
     " size, idempotency_key, request_hash, created_at, updated_at, next_attempt_at,"
-    " expires_at, metadata, tags, send_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10,"
-    " $11, $11, coalesce($15::timestamptz, $11::timestamptz), $12, $13::jsonb, $14::jsonb, $15)"
+    " expires_at, metadata, tags, send_at, thread_id) VALUES ($1, $2, $3, $4, $5, $6, $7, $8,"
+    " $9, $10, $11, $11, coalesce($15::timestamptz, $11::timestamptz), $12, $13::jsonb,"
+    " $14::jsonb, $15, $16)"
 )
 
 
@@ -626,6 +642,7 @@ def _outbox_row(m: NewOutgoing) -> tuple[object, ...]:
         _json_or_null(m.metadata),
         _json_or_null(m.tags),
         m.send_at,
+        m.thread,
     )
 
 
@@ -636,10 +653,10 @@ async def _insert_parts(conn: Any, messages: list[NewOutgoing]) -> None:
         [(m.id, m.raw) for m in messages],
     )
     await conn.executemany(
-        "INSERT INTO outbox_recipients (outgoing_id, position, address, kind, status)"
-        " VALUES ($1, $2, $3, $4, $5)",
+        "INSERT INTO outbox_recipients (outgoing_id, position, address, kind, status, name)"
+        " VALUES ($1, $2, $3, $4, $5, $6)",
         [
-            (m.id, position, r.address, r.kind.value, RecipientStatus.PENDING.value)
+            (m.id, position, r.address, r.kind.value, RecipientStatus.PENDING.value, r.name)
             for m in messages
             for position, r in enumerate(m.recipients)
         ],
@@ -677,4 +694,5 @@ def _message(row: Record, recipients: list[Recipient], attempts: list[Attempt]) 
         else {},
         tags=msgspec.json.decode(row["tags"], type=list[str]) if row["tags"] else [],
         send_at=row["send_at"],
+        thread_id=row["thread_id"],
     )

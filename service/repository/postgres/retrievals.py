@@ -8,10 +8,15 @@ from typing import Any
 
 from service.codes import ErrorCode
 from service.domain.enums import RetrievalStatus, RetrievalTrigger
+from service.domain.event_emission import retrieval_ended
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
 from service.repository.pages import Page, page_of
 from service.repository.postgres.database import PgDatabase, Record, rowcount
-from service.repository.postgres.events import emit_retrieval_ended, emit_retrievals_ended
+from service.repository.postgres.events import (
+    emit_retrieval_ended,
+    emit_retrievals_ended,
+    insert_events,
+)
 from service.repository.retrievals import ACTIVE, INTERRUPTED_DETAIL, LatestRetrieval
 
 _COLUMNS = (
@@ -145,12 +150,16 @@ class PgRetrievalRepository:
         error: RetrievalError | None,
         *,
         next_poll_at: datetime | None = None,
+        tenant: str | None = None,
+        account_id: str | None = None,
     ) -> None:
         """Record the end, progress included; ``next_poll_at``: when the account's next
-        scheduled poll is due (if it is still polled), in the same transaction."""
+        scheduled poll is due (if it is still polled), in the same transaction.
+        ``tenant`` and ``account_id`` (the caller knows them) save reading them back for
+        the event."""
         p = progress
         async with self._db.transaction() as conn:
-            await conn.execute(
+            status_line = await conn.execute(
                 "UPDATE retrievals SET status = $1, finished_at = $2, error_code = $3,"
                 " error_detail = $4, lease_until = NULL, messages_on_server = $5,"
                 " messages_downloaded = $6, bytes_downloaded = $7, messages_deleted = $8,"
@@ -166,7 +175,14 @@ class PgRetrievalRepository:
                 p.messages_skipped,
                 retrieval_id,
             )
-            await emit_retrieval_ended(conn, retrieval_id, status.value, at, progress, error)
+            if tenant is None or account_id is None:
+                await emit_retrieval_ended(conn, retrieval_id, status.value, at, progress, error)
+            elif rowcount(status_line) > 0:  # none: the account was deleted meanwhile
+                event = retrieval_ended(
+                    tenant, account_id, retrieval_id, status.value, at, progress, error
+                )
+                if event is not None:
+                    await insert_events(conn, [event])
             if next_poll_at is not None:
                 await conn.execute(
                     "UPDATE accounts SET next_poll_at = $1 WHERE poll_interval_minutes IS NOT"
@@ -174,6 +190,62 @@ class PgRetrievalRepository:
                     next_poll_at,
                     retrieval_id,
                 )
+
+    async def add_ended(
+        self, retrieval: Retrieval, *, tenant: str, next_poll_at: datetime | None = None
+    ) -> bool:
+        """Store a retrieval that has already ended (never stored while it ran), with its
+        event and the account's next poll, in one transaction; False (nothing written)
+        when the account is gone."""
+        r = retrieval
+        assert r.status.value not in ACTIVE, "only an ended retrieval is added this way"
+        async with self._db.transaction() as conn:
+            status_line = await conn.execute(
+                f"INSERT INTO retrievals ({_COLUMNS}) SELECT $1, id, $2, $3, $4, $5, $6, $7,"
+                " $8, $9, $10, $11, $12, $13 FROM accounts WHERE id = $14",
+                r.id,
+                r.trigger.value,
+                r.status.value,
+                r.created_at,
+                r.started_at,
+                r.finished_at,
+                r.messages_on_server,
+                r.messages_downloaded,
+                r.bytes_downloaded,
+                r.messages_deleted,
+                r.messages_skipped,
+                r.error.code if r.error else None,
+                r.error.detail if r.error else None,
+                r.account_id,
+            )
+            if rowcount(status_line) <= 0:
+                return False
+            progress = RetrievalProgress(
+                messages_on_server=r.messages_on_server,
+                messages_downloaded=r.messages_downloaded,
+                bytes_downloaded=r.bytes_downloaded,
+                messages_deleted=r.messages_deleted,
+                messages_skipped=r.messages_skipped,
+            )
+            event = retrieval_ended(
+                tenant,
+                r.account_id,
+                r.id,
+                r.status.value,
+                r.finished_at or r.created_at,
+                progress,
+                r.error,
+            )
+            if event is not None:
+                await insert_events(conn, [event])
+            if next_poll_at is not None:
+                await conn.execute(
+                    "UPDATE accounts SET next_poll_at = $1 WHERE id = $2"
+                    " AND poll_interval_minutes IS NOT NULL",
+                    next_poll_at,
+                    r.account_id,
+                )
+        return True
 
     async def renew(self, owner: str, retrieval_ids: Collection[str], lease_until: datetime) -> int:
         """Extend to ``lease_until`` the active retrievals ``owner`` still holds among

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from service.repository.postgres.database import PgDatabase
-from service.repository.stats import OLDEST_UNSENT_SQL
+from service.repository.stats import BY_STATUS_SQL, OLDEST_UNSENT_SQL
 
 
 class PgStatsRepository:
@@ -14,7 +14,7 @@ class PgStatsRepository:
 
     async def outbox_by_status(self) -> dict[str, int]:
         """How many outgoing messages are in each status, over all accounts."""
-        rows = await self._db.fetch_all("SELECT status, count(*) FROM outbox GROUP BY status")
+        rows = await self._db.fetch_all(BY_STATUS_SQL.format(now="now()"))
         return {str(row[0]): int(row[1]) for row in rows}
 
     async def oldest_unsent_at(self) -> datetime | None:
