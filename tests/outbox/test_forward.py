@@ -13,7 +13,7 @@ from typing import Any
 from litestar.testing import AsyncTestClient
 
 from tests.outbox.conftest import ClientFactory, outgoing_for, send, wait_status
-from tests.retrieval.conftest import all_messages, retrieve
+from tests.retrieval.conftest import account_json, all_messages, retrieve
 from tests.servers.dovecot import Dovecot, Mailbox
 from tests.servers.postfix import POSTFIX_DOMAIN, Postfix
 from tests.servers.smtp import SMTPDServer, SmtpSink
@@ -62,21 +62,11 @@ async def stored(
         if isinstance(server, Postfix)
         else outgoing_for(server)
     )
-    created = await client.post(
-        "/v1/accounts",
-        json={
-            "name": "Alice",
-            "email": address,
-            "incoming": {
-                "host": dovecot.host,
-                "port": dovecot.pop3_port,
-                "security": "none",
-                "username": mailbox.user,
-                "password": mailbox.password,
-            },
-            "outgoing": outgoing,
-        },
-    )
+    body = account_json(dovecot, mailbox, security="none") | {
+        "email": address,
+        "outgoing": outgoing,
+    }
+    created = await client.post("/v1/accounts", json=body)
     assert created.status_code == 201, created.text
     account_id = created.json()["id"]
     done = await retrieve(client, account_id)

@@ -92,3 +92,20 @@ async def all_messages(client: AsyncTestClient[Any], account_id: str) -> list[di
         cursor = page["next_cursor"]
         if cursor is None:
             return items
+
+
+def scripted_account(port: int, **retrieval: Any) -> dict[str, Any]:
+    """An account whose POP3 server is a scripted one on ``port`` (user alice)."""
+    return {
+        "name": f"scripted {port}",
+        "email": "alice@example.com",
+        "incoming": {
+            "host": "127.0.0.1",
+            "port": port,
+            "security": "none",
+            "username": "alice",
+            "password": "secret",
+        },
+        "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
+        "retrieval": retrieval,
+    }

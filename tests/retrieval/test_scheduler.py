@@ -36,7 +36,7 @@ from service.services.scheduler import (
 )
 from tests.api.conftest import API_KEY, OTHER_TENANT_KEY, make_settings
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
-from tests.retrieval.conftest import LOOPBACK, account_json, create_account
+from tests.retrieval.conftest import LOOPBACK, account_json, create_account, scripted_account
 from tests.waiting import until
 
 HOUR_S = 3600.0
@@ -309,22 +309,6 @@ async def test_a_tenant_at_its_share_does_not_hold_back_other_tenants(
             assert done["status"] == "succeeded", done
         (done,) = await polled(client, theirs, key=OTHER_TENANT_KEY)
         assert done["status"] == "succeeded", done
-
-
-def scripted_account(port: int, **retrieval: Any) -> dict[str, Any]:
-    return {
-        "name": f"scripted {port}",
-        "email": "alice@example.com",
-        "incoming": {
-            "host": "127.0.0.1",
-            "port": port,
-            "security": "none",
-            "username": "alice",
-            "password": "secret",
-        },
-        "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
-        "retrieval": retrieval,
-    }
 
 
 async def test_a_poll_stored_at_its_end_has_its_record_and_event(

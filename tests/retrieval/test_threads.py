@@ -14,7 +14,7 @@ from litestar.testing import AsyncTestClient
 
 from tests.api.conftest import API_KEY
 from tests.outbox.conftest import in_app, outbox_settings, send, wait_status
-from tests.retrieval.conftest import all_messages, retrieve
+from tests.retrieval.conftest import account_json, all_messages, retrieve
 from tests.servers.dovecot import Dovecot, Mailbox
 from tests.servers.smtp import SMTPDServer, SMTPTLSFiles
 
@@ -82,21 +82,11 @@ MESSAGES = {
 async def create_account(
     client: AsyncTestClient[Any], dovecot: Dovecot, mailbox: Mailbox, smtpd: SMTPDServer
 ) -> str:
-    created = await client.post(
-        "/v1/accounts",
-        json={
-            "name": "Alice",
-            "email": ACCOUNT_EMAIL,
-            "incoming": {
-                "host": dovecot.host,
-                "port": dovecot.pop3_port,
-                "security": "none",
-                "username": mailbox.user,
-                "password": mailbox.password,
-            },
-            "outgoing": {"host": smtpd.host, "port": smtpd.port, "security": "none"},
-        },
-    )
+    body = account_json(dovecot, mailbox, security="none") | {
+        "email": ACCOUNT_EMAIL,
+        "outgoing": {"host": smtpd.host, "port": smtpd.port, "security": "none"},
+    }
+    created = await client.post("/v1/accounts", json=body)
     assert created.status_code == 201, created.text
     return str(created.json()["id"])
 

@@ -23,7 +23,7 @@ from service.app import create_app
 from service.domain.accounts import Account
 from tests.api.conftest import API_KEY, make_settings
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
-from tests.retrieval.conftest import LOOPBACK, account_json
+from tests.retrieval.conftest import LOOPBACK, account_json, scripted_account
 
 pytestmark = pytest.mark.sqlite_only  # PostgreSQL stores every retrieval as it starts
 
@@ -156,21 +156,6 @@ async def held_server() -> AsyncIterator[tuple[ScriptedServer, asyncio.Event]]:
         yield server, release
 
 
-def scripted(port: int) -> dict[str, Any]:
-    return {
-        "name": "scripted",
-        "email": "alice@example.com",
-        "incoming": {
-            "host": "127.0.0.1",
-            "port": port,
-            "security": "none",
-            "username": "alice",
-            "password": "secret",
-        },
-        "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
-    }
-
-
 async def test_an_api_trigger_during_an_unstored_poll_is_409_with_its_id(
     tmp_path: Path,
     dovecot: Any,
@@ -181,7 +166,7 @@ async def test_an_api_trigger_during_an_unstored_poll_is_409_with_its_id(
         server, release = held_server
         # Never stored by time in this test: only the trigger stores it.
         monkeypatch.setattr(retrieval_module, "STORE_RUNNING_AFTER_S", 3600.0)
-        account = await app.account(scripted(server.port))
+        account = await app.account(scripted_account(server.port))
         poll = await app.service.poll(account)
         assert await app.retrievals(account.id) == []  # not stored: it has found nothing yet
         refused = await app.http.post(f"/v1/accounts/{account.id}/retrievals")
@@ -205,7 +190,7 @@ async def test_a_slow_poll_is_stored_as_running(
     async with running(tmp_path, dovecot) as app:
         server, release = held_server
         monkeypatch.setattr(retrieval_module, "STORE_RUNNING_AFTER_S", 0.05)
-        account = await app.account(scripted(server.port))
+        account = await app.account(scripted_account(server.port))
         poll = await app.service.poll(account)
         for _ in range(600):  # it shows as running while it waits at PASS
             listed = await app.retrievals(account.id)
