@@ -73,6 +73,8 @@ class DeliveryResult(msgspec.Struct, frozen=True, kw_only=True):
     response_body: str | None
     error: str | None
     next_attempt_at: datetime | None  # when RETRYING
+    # When every retry failed until the event's window ran out: the event's creation time.
+    exhausted_since: datetime | None = None
 
 
 class WebhookAttempt(msgspec.Struct, frozen=True, kw_only=True):

@@ -654,6 +654,7 @@ class EndpointWorker:
         self._recording: asyncio.Task[None] | None = None
         self._queue: collections.deque[ClaimedDelivery] = collections.deque()
         self._next_due: float | None = None  # monotonic time of the earliest known retry
+        self.delivered_at: datetime | None = None  # the last delivery this worker made
         self._task = asyncio.create_task(self._loop(), name=f"webhook {webhook.id}")
 
     @property
@@ -929,6 +930,9 @@ class WebhookDispatcher:
             response_body=answer.body if answer else None,
             error=str(error) if error else None,
             next_attempt_at=next_at,
+            exhausted_since=delivery.created_at
+            if retryable and not delivered and not next_at
+            else None,
         )
 
     async def record(self, worker: EndpointWorker, results: list[DeliveryResult]) -> None:
@@ -943,13 +947,24 @@ class WebhookDispatcher:
         if any(r.outcome is AttemptOutcome.DELIVERED for r in results):
             failing[webhook.id] = None
             failing_since = None
+            worker.delivered_at = now
         else:
             failing[webhook.id] = now
             failing_since = failing_since or min(r.at for r in results)
+        # An event that failed every retry of its window, with nothing delivered since it
+        # was created (as far as this worker saw): the endpoint failed that whole window,
+        # however its attempts fell against the failing limit.
+        exhausted = any(
+            r.exhausted_since is not None
+            and (worker.delivered_at is None or worker.delivered_at < r.exhausted_since)
+            for r in results
+        )
         reason: DisabledReason | None = None
         if any(r.response_status == 410 for r in results):
             reason = DisabledReason.GONE
-        elif failing_since is not None and now - failing_since >= self._policy.failing_limit:
+        elif failing_since is not None and (
+            exhausted or now - failing_since >= self._policy.failing_limit
+        ):
             reason = DisabledReason.FAILING
         if reason is not None and webhook.enabled:
             disable[webhook.id] = reason.value

@@ -225,3 +225,23 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled(
             break
         await asyncio.sleep(0.02)
     assert events["items"][0]["data"]["reason"] == "failing"
+
+
+async def test_an_event_that_failed_its_whole_window_disables_at_once(
+    client_factory: ClientFactory, receiver: Receiver
+) -> None:
+    """The endpoint asks for a retry later than the event's window ends: its only attempt
+    is its last, long before the failing limit; the window was spent failing all the same."""
+    client = await client_factory(webhook_retry_window_s=1.0, webhook_retry_max_s=5.0)
+    receiver.default_status = 503
+    receiver.extra_headers = {"Retry-After": "5"}
+    hook = (await register(client, receiver))["webhook"]
+    await client.post(f"/v1/webhooks/{hook['id']}/test")
+    for _ in range(500):
+        got = (await client.get(f"/v1/webhooks/{hook['id']}")).json()
+        if not got["enabled"]:
+            break
+        await asyncio.sleep(0.02)
+    assert (got["enabled"], got["disabled_reason"]) == (False, "failing")
+    [attempt] = await _attempts(client, hook["id"], 1)
+    assert (attempt["outcome"], attempt["response_status"]) == ("failed", 503)
