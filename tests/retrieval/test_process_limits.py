@@ -22,6 +22,7 @@ import pytest
 
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session, dot_stuff
 from tests.process import start, stop
+from tests.retrieval.conftest import scripted_account
 from tests.waiting import until
 
 KEY_1 = "tenant-one-key-0123456789"
@@ -61,19 +62,7 @@ async def silent(session: Session) -> None:
 
 
 def account(port: int, name: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "email": "alice@example.com",
-        "incoming": {
-            "host": "127.0.0.1",
-            "port": port,
-            "security": "none",
-            "username": "alice",
-            "password": "secret",
-        },
-        "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
-        "retrieval": {"leave_on_server": False},
-    }
+    return scripted_account(port, leave_on_server=False) | {"name": name}
 
 
 @pytest.fixture

@@ -32,7 +32,14 @@ from service.repository.store import Store
 from service.services.scheduler import is_due
 from tests.api.conftest import API_KEY, make_settings
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
-from tests.retrieval.conftest import LOOPBACK, account_json, create_account, retrieve, wait_done
+from tests.retrieval.conftest import (
+    LOOPBACK,
+    account_json,
+    create_account,
+    retrieve,
+    scripted_account,
+    wait_done,
+)
 from tests.servers.dovecot import Dovecot, running_dovecot
 from tests.waiting import until
 
@@ -88,7 +95,7 @@ async def test_login_refused_before_tls_is_tls_required_with_the_server_text(
 async def test_in_use_mailbox_is_mailbox_locked(client: AsyncTestClient[Any]) -> None:
     mini = MiniPOP3(replies={"PASS": b"-ERR [IN-USE] Mailbox is locked by another session\r\n"})
     async with ScriptedServer(mini) as server:
-        body = account_json_for(server.port)
+        body = scripted_account(server.port)
         account = (await client.post("/v1/accounts", json=body)).json()["id"]
         done = await retrieve(client, account)
     assert (done["status"], done["error"]["code"]) == ("failed", "mailbox_locked"), done
@@ -114,7 +121,7 @@ async def test_scheduled_poll_retries_a_locked_mailbox_sooner(
 
     mini = MiniPOP3(messages=[b"Subject: later\r\n\r\nhi\r\n"], replies={"PASS": password})
     async with ScriptedServer(mini) as server:
-        body = account_json_for(server.port, poll_interval_minutes=60)
+        body = scripted_account(server.port, poll_interval_minutes=60)
         account = (await client.post("/v1/accounts", json=body)).json()["id"]
         url = f"/v1/accounts/{account}/retrievals"
         listing = await until(
@@ -147,23 +154,6 @@ def test_locked_retry_is_sooner_but_keeps_the_login_delay_floor() -> None:
     assert is_due(account, two_minutes_ago, now, locked=True)
     slow = msgspec.structs.replace(account, login_delay_s=600)
     assert not is_due(slow, two_minutes_ago, now, locked=True)
-
-
-def account_json_for(port: int, **retrieval: Any) -> dict[str, Any]:
-    """An account on a scripted server (MiniPOP3's user alice)."""
-    return {
-        "name": f"scripted {port}",
-        "email": "alice@example.com",
-        "incoming": {
-            "host": "127.0.0.1",
-            "port": port,
-            "security": "none",
-            "username": "alice",
-            "password": "secret",
-        },
-        "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
-        "retrieval": retrieval,
-    }
 
 
 # Ends that cannot be recorded ---------------------------------------------------------------
