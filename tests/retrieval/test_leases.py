@@ -30,8 +30,7 @@ from service.repository.retrievals import SQLiteRetrievalRepository
 from service.services.scheduler import NEVER
 from tests.api.conftest import API_KEY, make_settings
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
-from tests.retrieval.conftest import LOOPBACK, wait_done
-from tests.retrieval.test_reliability import account_json_for
+from tests.retrieval.conftest import LOOPBACK, scripted_account, wait_done
 from tests.waiting import until
 
 SHORT_LEASE_S = 0.6
@@ -177,7 +176,7 @@ async def test_a_dead_process_retrieval_is_ended_without_a_restart(
 ) -> None:
     mini = MiniPOP3(messages=[b"Subject: one\r\n\r\nhi\r\n"])
     async with ScriptedServer(mini) as server:
-        response = await client.post("/v1/accounts", json=account_json_for(server.port))
+        response = await client.post("/v1/accounts", json=scripted_account(server.port))
         account = response.json()["id"]
         # As a replica on a shared store (a SQLite process is alone on its file, and would
         # take any active row no task of its own runs for an orphan at once).
@@ -214,7 +213,7 @@ async def test_the_heartbeat_keeps_a_long_retrieval_held(client: AsyncTestClient
 
     mini = MiniPOP3(messages=[b"Subject: one\r\n\r\nhi\r\n"], replies={"UIDL": held_uidl})
     async with ScriptedServer(mini) as server:
-        response = await client.post("/v1/accounts", json=account_json_for(server.port))
+        response = await client.post("/v1/accounts", json=scripted_account(server.port))
         account = response.json()["id"]
         trigger = await client.post(f"/v1/accounts/{account}/retrievals")
         assert trigger.status_code == 202, trigger.text
@@ -251,7 +250,7 @@ async def test_a_scheduled_poll_another_process_made_is_not_repeated(
 ) -> None:
     mini = MiniPOP3(messages=[b"Subject: one\r\n\r\nhi\r\n"])
     async with ScriptedServer(mini) as server:
-        response = await client.post("/v1/accounts", json=account_json_for(server.port))
+        response = await client.post("/v1/accounts", json=scripted_account(server.port))
         account = response.json()["id"]
         # This process's scheduler looked before the poll below (it saw none).
         first = await client.post(f"/v1/accounts/{account}/retrievals")

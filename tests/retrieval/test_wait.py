@@ -15,8 +15,7 @@ from litestar.testing import AsyncTestClient
 from service.services.retrieval import MAX_WAIT_S
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
 from tests.process import start, stop
-from tests.retrieval.conftest import create_account
-from tests.retrieval.test_reliability import account_json_for
+from tests.retrieval.conftest import create_account, scripted_account
 
 ENDED = ("succeeded", "failed", "cancelled")
 KEY = "wait-key-0123456789abcdef"
@@ -75,7 +74,7 @@ async def test_wait_times_out_while_running_and_wakes_at_the_end(
 
     mini = MiniPOP3(messages=[b"Subject: held\r\n\r\nhi\r\n"], replies={"PASS": password})
     async with ScriptedServer(mini) as server:
-        created = await http.post("/v1/accounts", json=account_json_for(server.port))
+        created = await http.post("/v1/accounts", json=scripted_account(server.port))
         account = created.json()["id"]
         started = await http.post(f"/v1/accounts/{account}/retrievals")
         url = f"/v1/accounts/{account}/retrievals/{started.json()['id']}"
