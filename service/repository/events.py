@@ -53,8 +53,9 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(dict[str, Any])
 _list_decoder = msgspec.json.Decoder(list[str] | None)
 
-# Process-wide listeners for events committed on a SQLite store (one process per file).
-_listeners: list[Callable[[str], None]] = []
+# Process-wide listeners for events committed on a SQLite store (one process per file),
+# each with whether it wants only the tenants whose events queued webhook deliveries.
+_listeners: list[tuple[Callable[[str], None], bool]] = []
 
 
 class InvalidEventCursor(ValueError):
@@ -76,23 +77,29 @@ def decode_cursor(cursor: str) -> tuple[int, int]:
     return xid, position
 
 
-def subscribe_committed(callback: Callable[[str], None]) -> Callable[[], None]:
+def subscribe_committed(
+    callback: Callable[[str], None], *, deliveries_only: bool = False
+) -> Callable[[], None]:
     """Call ``callback(tenant)`` after each commit of events on a SQLite store in this
-    process; returns the function that unsubscribes."""
-    _listeners.append(callback)
+    process (with ``deliveries_only``, only of events that queued webhook deliveries: the
+    endpoints read inside the transaction are the committed truth on the single writer);
+    returns the function that unsubscribes."""
+    entry = (callback, deliveries_only)
+    _listeners.append(entry)
 
     def unsubscribe() -> None:
-        if callback in _listeners:
-            _listeners.remove(callback)
+        if entry in _listeners:
+            _listeners.remove(entry)
 
     return unsubscribe
 
 
-def _wake(tenants: frozenset[str]) -> Callable[[], None]:
+def _wake(tenants: frozenset[str], delivering: frozenset[str]) -> Callable[[], None]:
     def wake() -> None:
         for tenant in tenants:
-            for callback in list(_listeners):
-                callback(tenant)
+            for callback, deliveries_only in list(_listeners):
+                if tenant in delivering or not deliveries_only:
+                    callback(tenant)
 
     return wake
 
@@ -163,16 +170,20 @@ async def insert_events(conn: aiosqlite.Connection, events: Sequence[NewEvent]) 
         f" WHERE enabled = 1 AND tenant IN ({marks})",
         tuple(tenants),
     )
+    delivering: set[str] = set()
     if rows:
         subs = [Subscription(row[0], row[1], row[2], row[3]) for row in rows]
         deliveries: list[tuple[str, str, str, str]] = []
         for event in events:
+            receivers = matching(subs, event)
+            if receivers:
+                delivering.add(event.tenant)
             deliveries += [
                 (new_id("whd"), webhook_id, event.id, to_text(event.created_at))
-                for webhook_id in matching(subs, event)
+                for webhook_id in receivers
             ]
         await add_deliveries(conn, deliveries)
-    call_after_commit(conn, _wake(tenants))
+    call_after_commit(conn, _wake(tenants, frozenset(delivering)))
 
 
 async def add_deliveries(

@@ -785,7 +785,9 @@ class WebhookDispatcher:
         self._sync_due = False
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._unsubscribe = subscribe_committed(self._on_events)
+        # SQLite: woken only for events that queued deliveries (an event no endpoint takes
+        # costs the dispatcher nothing); other processes' events arrive as Topic.EVENTS.
+        self._unsubscribe = subscribe_committed(self._on_events, deliveries_only=True)
         notifier.subscribe(Topic.EVENTS, self._on_events)
         service.on_change = self.request_sync
 

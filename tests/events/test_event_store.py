@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from service.domain.events import EventType, NewEvent, new_event
+from service.domain.webhooks import Webhook
 from service.repository import events as sqlite_events
 from service.repository.events import InvalidEventCursor
 from service.repository.notify import Topic
@@ -139,6 +140,49 @@ async def test_the_wake_up_comes_after_the_commit(store: Store) -> None:
     finally:
         unsubscribe()
         await store.notifier.stop()
+
+
+async def test_the_webhook_dispatcher_is_woken_only_for_events_an_endpoint_takes(
+    store: Store,
+) -> None:
+    """A listener with ``deliveries_only`` (the webhook dispatcher on SQLite) hears of a
+    commit only when its events queued deliveries; the feed's listener hears of every one."""
+    if store.kind == "postgres":
+        pytest.skip("SQLite's in-process wake-ups; PostgreSQL notifies through the server")
+    every: list[str] = []
+    delivering: list[str] = []
+    unsubscribe_every = sqlite_events.subscribe_committed(every.append)
+    unsubscribe_delivering = sqlite_events.subscribe_committed(
+        delivering.append, deliveries_only=True
+    )
+    try:
+        await insert(store, [event(1, tenant="t1")])
+        await store.webhooks.add(
+            Webhook(
+                id="wh_1",
+                tenant="t2",
+                url="https://hooks.example.test/in",
+                description=None,
+                events=["message.received"],
+                account_ids=None,
+                enabled=True,
+                secret_encrypted="x",
+                previous_secret_encrypted=None,
+                previous_secret_until=None,
+                disabled_reason=None,
+                failing_since=None,
+                created_at=T0,
+                updated_at=T0,
+            )
+        )
+        # t2's endpoint takes only message.received: an outgoing event queues nothing.
+        await insert(store, [event(2, tenant="t2", type=EventType.OUTGOING_SENT)])
+        await insert(store, [event(3, tenant="t2"), event(4, tenant="t1")])
+        assert every[:2] == ["t1", "t2"] and sorted(every[2:]) == ["t1", "t2"]
+        assert delivering == ["t2"]
+    finally:
+        unsubscribe_every()
+        unsubscribe_delivering()
 
 
 async def test_retention_prunes_old_events_only(store: Store) -> None:
