@@ -238,18 +238,21 @@ class SQLiteAccountRepository:
         """Take up to ``limit`` accounts whose poll is due, most overdue first, each with
         its due time; their next poll moves to ``lease_until`` (the poll's end sets it)."""
         skipped = json.dumps(sorted(skip_tenants))
-        async with self._db.transaction() as conn:
-            rows = await conn.execute_fetchall(
+
+        def claim(raw: sqlite3.Connection) -> list[sqlite3.Row]:
+            rows = raw.execute(
                 f"SELECT {_COLUMNS}, next_poll_at FROM accounts WHERE next_poll_at <= ?"
                 " AND tenant NOT IN (SELECT value FROM json_each(?))"
                 " ORDER BY next_poll_at LIMIT ?",
                 (to_text(now), skipped, limit),
+            ).fetchall()
+            raw.executemany(
+                "UPDATE accounts SET next_poll_at = ? WHERE id = ?",
+                [(to_text(lease_until), row["id"]) for row in rows],
             )
-            if rows:
-                await conn.executemany(
-                    "UPDATE accounts SET next_poll_at = ? WHERE id = ?",
-                    [(to_text(lease_until), row["id"]) for row in rows],
-                )
+            return rows
+
+        rows = await self._db.write(claim)  # one round trip: the scheduler claims often
         return [(_account(row), from_text(row["next_poll_at"])) for row in rows]
 
     async def next_poll_due(self) -> datetime | None:

@@ -29,7 +29,7 @@ import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 
@@ -75,6 +75,18 @@ logger = logging.getLogger("mailroom.storage")
 _after_commit: weakref.WeakKeyDictionary[aiosqlite.Connection, list[Callable[[], None]]] = (
     weakref.WeakKeyDictionary()
 )
+
+
+T = TypeVar("T")
+
+
+def run_in_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> Any:
+    """Await ``fn(raw)`` on ``conn``'s own thread with its ``sqlite3`` connection: several
+    statements for one round trip to that thread (each ``conn.execute`` is one, and a
+    round trip costs more than a small statement). ``fn`` runs in the queue every call on
+    ``conn`` goes through (aiosqlite's ``_execute``; the version is pinned), so it is
+    ordered with them exactly as an ``execute`` would be."""
+    return cast(Any, conn)._execute(fn, cast(Any, conn)._conn)
 
 
 def call_after_commit(conn: aiosqlite.Connection, callback: Callable[[], None]) -> None:
@@ -276,6 +288,37 @@ class Database:
                 raise self._translate(exc, "commit failed") from exc
             _run_after_commit(conn, committed=True)
             self._storage_full = False
+
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """One write transaction (as :meth:`transaction`, not durable) whose statements
+        ``fn`` runs on the writer's thread: BEGIN, ``fn``, COMMIT in one round trip. What
+        ``fn`` returns comes back once it committed; its wake-ups are the caller's to call
+        then (``call_after_commit`` is for :meth:`transaction`)."""
+
+        def run(raw: sqlite3.Connection) -> T:
+            if pragma is not None:
+                raw.execute(pragma)
+            raw.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(raw)
+                raw.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    raw.execute("ROLLBACK")
+                raise
+            return result
+
+        async with self._write_lock:
+            pragma = "PRAGMA synchronous=NORMAL" if self._synchronous_full else None
+            try:
+                result: T = await run_in_thread(self.writer, run)
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
+            finally:
+                if pragma is not None:
+                    self._synchronous_full = False  # set first thing, whatever came next
+            self._storage_full = False
+            return result
 
     async def probe_write(self) -> None:
         """Commit one tiny real write (the schema version, unchanged) to test for space.

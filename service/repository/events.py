@@ -35,7 +35,7 @@ from service.domain.ids import new_id
 from service.domain.outbox import DeliveryOutcome
 from service.domain.retrievals import MessageSummary, RetrievalError, RetrievalProgress
 from service.domain.time import from_text, opt_from_text, to_text
-from service.repository.database import Database, call_after_commit
+from service.repository.database import Database, call_after_commit, run_in_thread
 
 #: Rows per INSERT statement (SQLite binds at most 32766 parameters).
 INSERT_CHUNK = 500
@@ -142,10 +142,20 @@ def matching(subscriptions: Sequence[Subscription], event: NewEvent) -> list[str
 
 
 async def insert_events(conn: aiosqlite.Connection, events: Sequence[NewEvent]) -> None:
-    """Insert ``events`` (and their webhook deliveries) in the transaction open on ``conn``;
-    wake webhook delivery and feed readers once it commits."""
+    """Insert ``events`` (and their webhook deliveries) in the transaction open on ``conn``
+    (one round trip to its thread); wake webhook delivery and feed readers once it
+    commits."""
     if not events:
         return
+    delivering: frozenset[str] = await run_in_thread(conn, lambda raw: write_events(raw, events))
+    call_after_commit(conn, committed(events, delivering))
+
+
+def write_events(raw: sqlite3.Connection, events: Sequence[NewEvent]) -> frozenset[str]:
+    """Insert ``events`` and queue their webhook deliveries with the ``sqlite3`` connection
+    of an open transaction (on its thread); the tenants whose events queued deliveries."""
+    if not events:
+        return frozenset()
     for start in range(0, len(events), INSERT_CHUNK):
         chunk = events[start : start + INSERT_CHUNK]
         params: list[Any] = []
@@ -158,18 +168,18 @@ async def insert_events(conn: aiosqlite.Connection, events: Sequence[NewEvent]) 
                 to_text(event.created_at),
                 encode_data(event.data),
             )
-        await conn.execute(
+        raw.execute(
             "INSERT INTO events (id, type, tenant, account_id, created_at, data) VALUES "
             + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(chunk)),
             params,
         )
-    tenants = frozenset(event.tenant for event in events)
+    tenants = {event.tenant for event in events}
     marks = ",".join("?" * len(tenants))
-    rows = await conn.execute_fetchall(
+    rows = raw.execute(
         "SELECT id, tenant, events_json, account_ids_json FROM webhooks"
         f" WHERE enabled = 1 AND tenant IN ({marks})",
         tuple(tenants),
-    )
+    ).fetchall()
     delivering: set[str] = set()
     if rows:
         subs = [Subscription(row[0], row[1], row[2], row[3]) for row in rows]
@@ -182,20 +192,33 @@ async def insert_events(conn: aiosqlite.Connection, events: Sequence[NewEvent]) 
                 (new_id("whd"), webhook_id, event.id, to_text(event.created_at))
                 for webhook_id in receivers
             ]
-        await add_deliveries(conn, deliveries)
-    call_after_commit(conn, _wake(tenants, frozenset(delivering)))
+        write_deliveries(raw, deliveries)
+    return frozenset(delivering)
+
+
+def committed(events: Sequence[NewEvent], delivering: frozenset[str]) -> Callable[[], None]:
+    """What to call once ``events`` (written by ``write_events``, which said which tenants
+    it queued deliveries for) committed: wakes feed readers and webhook delivery."""
+    return _wake(frozenset(event.tenant for event in events), delivering)
 
 
 async def add_deliveries(
     conn: aiosqlite.Connection, deliveries: Sequence[tuple[str, str, str, str]]
 ) -> None:
     """Queue deliveries (id, webhook id, event id, due at) in the open transaction."""
+    if deliveries:
+        await run_in_thread(conn, lambda raw: write_deliveries(raw, deliveries))
+
+
+def write_deliveries(
+    raw: sqlite3.Connection, deliveries: Sequence[tuple[str, str, str, str]]
+) -> None:
     for start in range(0, len(deliveries), INSERT_CHUNK):
         chunk = deliveries[start : start + INSERT_CHUNK]
         params: list[Any] = []
         for delivery_id, webhook_id, event_id, due in chunk:
             params += (delivery_id, webhook_id, event_id, PENDING, due, due, due)
-        await conn.execute(
+        raw.execute(
             "INSERT OR IGNORE INTO webhook_deliveries (id, webhook_id, event_id, status,"
             " next_attempt_at, created_at, updated_at) VALUES "
             + ",".join(["(?, ?, ?, ?, ?, ?, ?)"] * len(chunk)),

@@ -28,7 +28,13 @@ from service.domain.event_emission import retrieval_ended
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
 from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
 from service.repository.database import Database
-from service.repository.events import emit_retrieval_ended, emit_retrievals_ended, insert_events
+from service.repository.events import (
+    committed,
+    emit_retrieval_ended,
+    emit_retrievals_ended,
+    insert_events,
+    write_events,
+)
 from service.repository.pages import Page, page_of
 
 _COLUMNS = (
@@ -251,9 +257,20 @@ class SQLiteRetrievalRepository:
         when the account is gone."""
         r = retrieval
         assert r.status not in ACTIVE, "only an ended retrieval is added this way"
-        async with self._db.transaction() as conn:
+        event = retrieval_ended(
+            tenant,
+            r.account_id,
+            r.id,
+            r.status.value,
+            r.finished_at or r.created_at,
+            _progress(r),
+            r.error,
+        )
+        events = [event] if event is not None else []
+
+        def write(raw: sqlite3.Connection) -> frozenset[str] | None:
             # From the account's row: nothing is inserted for an account deleted meanwhile.
-            cursor = await conn.execute(
+            cursor = raw.execute(
                 f"INSERT INTO retrievals ({_COLUMNS})"
                 " SELECT ?, id, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? FROM accounts WHERE id = ?",
                 (
@@ -274,20 +291,17 @@ class SQLiteRetrievalRepository:
                 ),
             )
             if cursor.rowcount <= 0:
-                return False
-            event = retrieval_ended(
-                tenant,
-                r.account_id,
-                r.id,
-                r.status.value,
-                r.finished_at or r.created_at,
-                _progress(r),
-                r.error,
-            )
-            if event is not None:
-                await insert_events(conn, [event])
+                return None
+            delivering = write_events(raw, events)
             if next_poll_at is not None:
-                await _set_next_poll(conn, next_poll_at, r.id, r.account_id)
+                raw.execute(*_next_poll_statement(next_poll_at, r.id, r.account_id))
+            return delivering
+
+        # An empty scheduled poll ends here: one round trip for its whole transaction.
+        delivering = await self._db.write(write)
+        if delivering is None:
+            return False
+        committed(events, delivering)()
         return True
 
     async def renew(self, owner: str, retrieval_ids: Collection[str], lease_until: datetime) -> int:
@@ -349,18 +363,23 @@ async def _set_next_poll(
     conn: aiosqlite.Connection, at: datetime, retrieval_id: str, account_id: str | None
 ) -> None:
     """Set the account's next scheduled poll (if it is still polled)."""
+    await conn.execute(*_next_poll_statement(at, retrieval_id, account_id))
+
+
+def _next_poll_statement(
+    at: datetime, retrieval_id: str, account_id: str | None
+) -> tuple[str, tuple[str, str]]:
     if account_id is not None:
-        await conn.execute(
+        return (
             "UPDATE accounts SET next_poll_at = ? WHERE id = ? AND poll_interval_minutes"
             " IS NOT NULL",
             (to_text(at), account_id),
         )
-    else:
-        await conn.execute(
-            "UPDATE accounts SET next_poll_at = ? WHERE poll_interval_minutes IS NOT"
-            " NULL AND id = (SELECT account_id FROM retrievals WHERE id = ?)",
-            (to_text(at), retrieval_id),
-        )
+    return (
+        "UPDATE accounts SET next_poll_at = ? WHERE poll_interval_minutes IS NOT"
+        " NULL AND id = (SELECT account_id FROM retrievals WHERE id = ?)",
+        (to_text(at), retrieval_id),
+    )
 
 
 def _progress(r: Retrieval) -> RetrievalProgress:

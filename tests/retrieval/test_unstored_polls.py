@@ -65,9 +65,11 @@ async def running(tmp_path: Path, dovecot: Any) -> AsyncIterator[App]:
 
 
 def count_transactions(app: App, monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Count the store's write transactions from now on (one list item per transaction)."""
+    """Count the store's write transactions from now on (one list item per transaction,
+    whether opened with ``transaction()`` or run whole with ``write()``)."""
     db = app.app.state.db
     original: Callable[..., Any] = db.transaction
+    original_write: Callable[..., Any] = db.write
     opened: list[int] = []
 
     @contextlib.asynccontextmanager
@@ -76,7 +78,12 @@ def count_transactions(app: App, monkeypatch: pytest.MonkeyPatch) -> list[int]:
         async with original(*args, **kwargs) as conn:
             yield conn
 
+    async def counted_write(*args: Any, **kwargs: Any) -> Any:
+        opened.append(1)
+        return await original_write(*args, **kwargs)
+
     monkeypatch.setattr(db, "transaction", counted)
+    monkeypatch.setattr(db, "write", counted_write)
     return opened
 
 
