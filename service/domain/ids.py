@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 import random
 import re
+import threading
 import time
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
 _last_ms = 0
 _last_random = 0
+_lock = threading.Lock()
 # Unique, not secret: ids, request ids and Message-IDs need bits no other process draws,
 # not bits nobody can guess. A generator seeded from the OS (again in a forked child) gives
 # them without a system call per id: ``os.urandom`` lets go of the GIL, and on a busy
@@ -34,16 +36,18 @@ def random_hex(octets: int) -> str:
 
 
 def new_id(prefix: str) -> str:
-    """A new id such as ``acc_01hz3…``; monotonic within this process."""
+    """A new id such as ``acc_01hz3…``; monotonic within this process (from any thread:
+    the SQLite writer's thread makes webhook delivery ids)."""
     global _last_ms, _last_random
-    now_ms = time.time_ns() // 1_000_000
-    if now_ms <= _last_ms:
-        # Same millisecond (or the clock stepped back): keep order by incrementing.
-        now_ms = _last_ms
-        random_part = (_last_random + 1) & ((1 << 80) - 1)
-    else:
-        random_part = random_bits(80)
-    _last_ms, _last_random = now_ms, random_part
+    with _lock:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms <= _last_ms:
+            # Same millisecond (or the clock stepped back): keep order by incrementing.
+            now_ms = _last_ms
+            random_part = (_last_random + 1) & ((1 << 80) - 1)
+        else:
+            random_part = random_bits(80)
+        _last_ms, _last_random = now_ms, random_part
     value = (now_ms << 80) | random_part
     chars = []
     for _ in range(26):

@@ -316,7 +316,8 @@ class Database:
                 raise self._translate(exc) from exc
             finally:
                 if pragma is not None:
-                    self._synchronous_full = False  # set first thing, whatever came next
+                    # It ran first (or failed, and then FULL stays: only slower).
+                    self._synchronous_full = False
             self._storage_full = False
             return result
 
