@@ -374,6 +374,7 @@ t = json.load(open(sys.argv[1]))["Docker"]["config"]["Healthcheck"]["Test"]
 argv = t[1:] if t[0] == "CMD" else ["/bin/sh", "-c", t[1]]
 sys.stdout.write("\0".join(argv) + "\0")' "$TMP/inspect.json")
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A urlsafe key may begin with "-": it is passed as --api-key=KEY, never as a separate argument.
 api_key=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
 data=$TMP/data
 install -d -o "$uid" -g "$uid" -m 0700 "$data"
@@ -386,7 +387,7 @@ log "4. run: buildah run --isolation chroot (host network) -- ${cmd[*]}  [port $
 buildah "${STORE[@]}" run --isolation chroot --network host -v "$data:/data" "${run_env[@]}" \
 	"$CTR" -- "${cmd[@]}" >"$SERVER_LOG" 2>&1 9>&- &
 RUN_PID=$!
-if ! in_background python3 "$HELPERS/smoke.py" serve --port "$port" --api-key "$api_key" --data "$data" \
+if ! in_background python3 "$HELPERS/smoke.py" serve --port "$port" --api-key="$api_key" --data "$data" \
 	--uid "$uid" --runner-pid "$RUN_PID" --pid-file "$TMP/server.pid" --timeout "$START_TIMEOUT"; then
 	show_server_log
 	die "the running container failed its checks"
@@ -458,7 +459,7 @@ SERVER_LOG=$TMP/server-pg.log
 buildah "${STORE[@]}" run --isolation chroot --network host -v "$pg_data:/data" "${pg_env[@]}" \
 	"$CTR" -- "${cmd[@]}" >"$SERVER_LOG" 2>&1 9>&- &
 RUN_PID=$!
-if ! in_background python3 "$HELPERS/smoke.py" postgres --port "$port" --api-key "$api_key" \
+if ! in_background python3 "$HELPERS/smoke.py" postgres --port "$port" --api-key="$api_key" \
 	--data "$pg_data" --uid "$uid" --runner-pid "$RUN_PID" --pid-file "$TMP/server.pid" \
 	--out "$TMP/postgres-smoke.json" --timeout "$START_TIMEOUT"; then
 	show_server_log
