@@ -19,6 +19,7 @@ from litestar.testing import AsyncTestClient
 from service.app import create_app
 from service.config import Settings
 from tests.api.conftest import API_KEY, make_settings
+from tests.retrieval.conftest import account_json, all_messages, retrieve
 from tests.servers.dovecot import Dovecot, Mailbox
 from tests.servers.postfix import Postfix, bouncing_postfix_for_test
 from tests.servers.smtp import SMTPD_USERS, SMTPDServer, SmtpSink, SMTPTLSFiles
@@ -106,6 +107,37 @@ def outgoing_for(
         outgoing["username"] = "alice"
         outgoing["password"] = password or SMTPD_USERS["alice"]
     return outgoing
+
+
+async def stored_message(
+    client: AsyncTestClient[Any],
+    dovecot: Dovecot,
+    raw: bytes,
+    server: SMTPDServer | SmtpSink | Postfix,
+    *,
+    mailbox: Mailbox | None = None,
+    address: str = "alice@example.com",
+) -> tuple[str, str]:
+    """An account at ``address`` sending through ``server``, with ``raw`` delivered to its
+    Dovecot mailbox and retrieved into its store: (account id, message id)."""
+    mailbox = mailbox or dovecot.add_user()
+    mailbox.deliver(raw)
+    outgoing = (
+        {"host": server.host, "port": server.port, "security": "none"}
+        if isinstance(server, Postfix)
+        else outgoing_for(server)
+    )
+    body = account_json(dovecot, mailbox, security="none") | {
+        "email": address,
+        "outgoing": outgoing,
+    }
+    created = await client.post("/v1/accounts", json=body)
+    assert created.status_code == 201, created.text
+    account_id = created.json()["id"]
+    done = await retrieve(client, account_id)
+    assert done["status"] == "succeeded", done
+    [message] = await all_messages(client, account_id)
+    return account_id, message["id"]
 
 
 async def create_account(

@@ -12,8 +12,8 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
-from tests.outbox.conftest import ClientFactory, outgoing_for, send, wait_status
-from tests.retrieval.conftest import account_json, all_messages, retrieve
+from tests.outbox.conftest import ClientFactory, send, stored_message, wait_status
+from tests.retrieval.conftest import all_messages, retrieve
 from tests.servers.dovecot import Dovecot, Mailbox
 from tests.servers.postfix import POSTFIX_DOMAIN, Postfix
 from tests.servers.smtp import SMTPDServer, SmtpSink
@@ -46,35 +46,6 @@ ORIGINAL = (
 ).encode()
 
 
-async def stored(
-    client: AsyncTestClient[Any],
-    dovecot: Dovecot,
-    server: SMTPDServer | SmtpSink | Postfix,
-    *,
-    mailbox: Mailbox | None = None,
-    address: str = "alice@example.com",
-) -> tuple[str, str]:
-    """An account sending through ``server`` with ORIGINAL retrieved into its store."""
-    mailbox = mailbox or dovecot.add_user()
-    mailbox.deliver(ORIGINAL)
-    outgoing = (
-        {"host": server.host, "port": server.port, "security": "none"}
-        if isinstance(server, Postfix)
-        else outgoing_for(server)
-    )
-    body = account_json(dovecot, mailbox, security="none") | {
-        "email": address,
-        "outgoing": outgoing,
-    }
-    created = await client.post("/v1/accounts", json=body)
-    assert created.status_code == 201, created.text
-    account_id = created.json()["id"]
-    done = await retrieve(client, account_id)
-    assert done["status"] == "succeeded", done
-    [message] = await all_messages(client, account_id)
-    return account_id, message["id"]
-
-
 def read(data: bytes) -> EmailMessage:
     message = email.message_from_bytes(data, policy=email.policy.default)
     assert isinstance(message, EmailMessage)
@@ -89,7 +60,7 @@ def text_of(part: EmailMessage | None) -> str:
 async def test_forward_attached_and_inline_as_the_recipient_reads_them(
     client: AsyncTestClient[Any], dovecot: Dovecot, smtpd: SMTPDServer
 ) -> None:
-    account_id, message_id = await stored(client, dovecot, smtpd)
+    account_id, message_id = await stored_message(client, dovecot, ORIGINAL, smtpd)
     stored_raw = (await client.get(f"/v1/accounts/{account_id}/messages/{message_id}/raw")).content
     attached = await send(
         client,
@@ -156,7 +127,7 @@ async def test_forward_refusals(
     client_factory: ClientFactory, dovecot: Dovecot, smtpd: SMTPDServer
 ) -> None:
     client = await client_factory(max_send_bytes=len(ORIGINAL) + 4096)
-    account_id, message_id = await stored(client, dovecot, smtpd)
+    account_id, message_id = await stored_message(client, dovecot, ORIGINAL, smtpd)
     missing = await send(client, account_id, expect=404, forward_message="msg_nothing")
     assert missing["code"] == "not_found"
     both = await send(
@@ -191,7 +162,7 @@ async def test_forward_refusals(
 async def test_a_forward_with_an_idempotency_key_is_accepted_once(
     client: AsyncTestClient[Any], dovecot: Dovecot, smtpd: SMTPDServer
 ) -> None:
-    account_id, message_id = await stored(client, dovecot, smtpd)
+    account_id, message_id = await stored_message(client, dovecot, ORIGINAL, smtpd)
     key = {"Idempotency-Key": "forward-1"}
     first = await send(client, account_id, headers=key, forward_message=message_id)
     again = await send(client, account_id, expect=200, headers=key, forward_message=message_id)
@@ -206,7 +177,7 @@ async def test_an_8bit_original_to_a_server_without_8bitmime_fails_clearly(
     client: AsyncTestClient[Any], dovecot: Dovecot, smtp_sink_factory: Any
 ) -> None:
     sink: SmtpSink = smtp_sink_factory(extra_args=["-8"])
-    account_id, message_id = await stored(client, dovecot, sink)
+    account_id, message_id = await stored_message(client, dovecot, ORIGINAL, sink)
     attached = await send(client, account_id, forward_message=message_id)
     done = await wait_status(client, account_id, attached["id"])
     assert done["status"] == "failed", done
@@ -222,8 +193,13 @@ async def test_forwards_through_postfix_read_back_from_dovecot(
 ) -> None:
     """Received, forwarded both ways to an address of the same mailbox, retrieved again:
     what a recipient's client reads after a real MTA (8-bit data and all)."""
-    account_id, message_id = await stored(
-        client, dovecot, postfix_to_dovecot, mailbox=maildir, address=f"alice@{POSTFIX_DOMAIN}"
+    account_id, message_id = await stored_message(
+        client,
+        dovecot,
+        ORIGINAL,
+        postfix_to_dovecot,
+        mailbox=maildir,
+        address=f"alice@{POSTFIX_DOMAIN}",
     )
     base = f"/v1/accounts/{account_id}"
     bob = f"bob@{POSTFIX_DOMAIN}"

@@ -8,8 +8,7 @@ from typing import Any
 
 from litestar.testing import AsyncTestClient
 
-from tests.outbox.conftest import send, wait_status
-from tests.retrieval.conftest import all_messages, retrieve
+from tests.outbox.conftest import send, stored_message, wait_status
 from tests.servers.dovecot import Dovecot
 from tests.servers.smtp import SMTPDServer
 
@@ -28,38 +27,10 @@ ORIGINAL = (
 )
 
 
-async def stored_message(
-    client: AsyncTestClient[Any], dovecot: Dovecot, smtpd: SMTPDServer
-) -> tuple[str, str]:
-    mailbox = dovecot.add_user()
-    mailbox.deliver(ORIGINAL)
-    created = await client.post(
-        "/v1/accounts",
-        json={
-            "name": "Alice",
-            "email": "alice@example.com",
-            "incoming": {
-                "host": dovecot.host,
-                "port": dovecot.pop3_port,
-                "security": "none",
-                "username": mailbox.user,
-                "password": mailbox.password,
-            },
-            "outgoing": {"host": smtpd.host, "port": smtpd.port, "security": "none"},
-        },
-    )
-    assert created.status_code == 201, created.text
-    account_id = created.json()["id"]
-    done = await retrieve(client, account_id)
-    assert done["status"] == "succeeded", done
-    [message] = await all_messages(client, account_id)
-    return account_id, message["id"]
-
-
 async def test_reply_and_reply_all_thread_and_address_as_a_mail_client(
     client: AsyncTestClient[Any], dovecot: Dovecot, smtpd: SMTPDServer
 ) -> None:
-    account_id, message_id = await stored_message(client, dovecot, smtpd)
+    account_id, message_id = await stored_message(client, dovecot, ORIGINAL, smtpd)
     reply = await send(client, account_id, to=[], subject=None, reply_to_message=message_id)
     assert reply["subject"] == "Re: Order 1042"
     assert [r["address"] for r in reply["recipients"]] == ["desk@example.org"]
@@ -106,7 +77,7 @@ async def test_reply_and_reply_all_thread_and_address_as_a_mail_client(
 async def test_reply_errors(
     client: AsyncTestClient[Any], dovecot: Dovecot, smtpd: SMTPDServer
 ) -> None:
-    account_id, _ = await stored_message(client, dovecot, smtpd)
+    account_id, _ = await stored_message(client, dovecot, ORIGINAL, smtpd)
     listed = await client.get(
         f"/v1/accounts/{account_id}/messages", params={"message_id": "<orig.3@example.org>"}
     )
