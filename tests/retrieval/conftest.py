@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ from litestar.testing import AsyncTestClient
 
 from service.app import create_app
 from tests.api.conftest import API_KEY, make_settings
+from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "messages"
 WAIT_S = 60
@@ -109,3 +111,19 @@ def scripted_account(port: int, **retrieval: Any) -> dict[str, Any]:
         "outgoing": {"host": "127.0.0.1", "port": 2525, "security": "none"},
         "retrieval": retrieval,
     }
+
+
+@contextlib.asynccontextmanager
+async def held_at_pass() -> AsyncIterator[tuple[ScriptedServer, asyncio.Event]]:
+    """A scripted POP3 server (user alice) whose sessions wait at PASS until the event
+    is set, then go on as MiniPOP3 does."""
+    release = asyncio.Event()
+
+    async def held(session: Session, line: bytes) -> bool:
+        await release.wait()
+        session.authenticated = True
+        session.send(b"+OK\r\n")
+        return False
+
+    async with ScriptedServer(MiniPOP3(replies={"PASS": held})) as server:
+        yield server, release

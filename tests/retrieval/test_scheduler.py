@@ -9,7 +9,6 @@ that waited for one would never come within the suite's bounded waits.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,7 +35,13 @@ from service.services.scheduler import (
 )
 from tests.api.conftest import API_KEY, OTHER_TENANT_KEY, make_settings
 from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
-from tests.retrieval.conftest import LOOPBACK, account_json, create_account, scripted_account
+from tests.retrieval.conftest import (
+    LOOPBACK,
+    account_json,
+    create_account,
+    held_at_pass,
+    scripted_account,
+)
 from tests.waiting import until
 
 HOUR_S = 3600.0
@@ -271,19 +276,8 @@ async def test_a_tenant_at_its_share_does_not_hold_back_other_tenants(
     tmp_path: Path, dovecot: Any
 ) -> None:
     # Two slots, two tenants: a share of one each. Sessions hang at PASS until released.
-    release = asyncio.Event()
-
-    async def held(session: Session, line: bytes) -> bool:
-        await release.wait()
-        session.authenticated = True
-        session.send(b"+OK\r\n")
-        return False
-
     settings = settings_for(tmp_path, dovecot, max_concurrent_retrievals=2)
-    async with (
-        ScriptedServer(MiniPOP3(replies={"PASS": held})) as server,
-        running(settings) as client,
-    ):
+    async with held_at_pass() as (server, release), running(settings) as client:
         # The default tenant's three accounts fall due first.
         mine = []
         for i in range(3):

@@ -22,8 +22,9 @@ import service.services.retrieval as retrieval_module
 from service.app import create_app
 from service.domain.accounts import Account
 from tests.api.conftest import API_KEY, make_settings
-from tests.pop3.fault_server import MiniPOP3, ScriptedServer, Session
-from tests.retrieval.conftest import LOOPBACK, account_json, scripted_account
+from tests.pop3.fault_server import ScriptedServer
+from tests.retrieval.conftest import LOOPBACK, account_json, held_at_pass, scripted_account
+from tests.waiting import until
 
 pytestmark = pytest.mark.sqlite_only  # PostgreSQL stores every retrieval as it starts
 
@@ -151,16 +152,8 @@ async def test_a_poll_that_finds_mail_is_stored_as_running_before_it_stores_any(
 @pytest.fixture
 async def held_server() -> AsyncIterator[tuple[ScriptedServer, asyncio.Event]]:
     """A POP3 server whose sessions wait at PASS until released."""
-    release = asyncio.Event()
-
-    async def held(session: Session, line: bytes) -> bool:
-        await release.wait()
-        session.authenticated = True
-        session.send(b"+OK\r\n")
-        return False
-
-    async with ScriptedServer(MiniPOP3(replies={"PASS": held})) as server:
-        yield server, release
+    async with held_at_pass() as held:
+        yield held
 
 
 async def test_an_api_trigger_during_an_unstored_poll_is_409_with_its_id(
@@ -199,11 +192,8 @@ async def test_a_slow_poll_is_stored_as_running(
         monkeypatch.setattr(retrieval_module, "STORE_RUNNING_AFTER_S", 0.05)
         account = await app.account(scripted_account(server.port))
         poll = await app.service.poll(account)
-        for _ in range(600):  # it shows as running while it waits at PASS
-            listed = await app.retrievals(account.id)
-            if listed:
-                break
-            await asyncio.sleep(0.05)
+        # It shows as running while it waits at PASS.
+        listed = await until(lambda: app.retrievals(account.id), bool)
         assert [(r["id"], r["status"]) for r in listed] == [(poll.id, "running")]
         release.set()
         await app.service.wait_idle()
