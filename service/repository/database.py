@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import shutil
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -80,13 +81,15 @@ _after_commit: weakref.WeakKeyDictionary[aiosqlite.Connection, list[Callable[[],
 T = TypeVar("T")
 
 
-def run_in_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]) -> Any:
+def run_in_thread(
+    conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection], T]
+) -> Awaitable[T]:
     """Await ``fn(raw)`` on ``conn``'s own thread with its ``sqlite3`` connection: several
     statements for one round trip to that thread (each ``conn.execute`` is one, and a
     round trip costs more than a small statement). ``fn`` runs in the queue every call on
     ``conn`` goes through (aiosqlite's ``_execute``; the version is pinned), so it is
     ordered with them exactly as an ``execute`` would be."""
-    return cast(Any, conn)._execute(fn, cast(Any, conn)._conn)
+    return cast(Awaitable[T], cast(Any, conn)._execute(fn, cast(Any, conn)._conn))
 
 
 def call_after_commit(conn: aiosqlite.Connection, callback: Callable[[], None]) -> None:
@@ -295,9 +298,9 @@ class Database:
         ``fn`` returns comes back once it committed; its wake-ups are the caller's to call
         then (``call_after_commit`` is for :meth:`transaction`)."""
 
-        def run(raw: sqlite3.Connection) -> T:
-            if pragma is not None:
-                raw.execute(pragma)
+        def run(raw: sqlite3.Connection, *, to_normal: bool) -> T:
+            if to_normal:
+                raw.execute("PRAGMA synchronous=NORMAL")
             raw.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(raw)
@@ -309,15 +312,16 @@ class Database:
             return result
 
         async with self._write_lock:
-            pragma = "PRAGMA synchronous=NORMAL" if self._synchronous_full else None
+            to_normal = self._synchronous_full
+            # Cleared first: the PRAGMA runs before anything else (if it failed, FULL
+            # stays, which is only slower).
+            self._synchronous_full = False
             try:
-                result: T = await run_in_thread(self.writer, run)
+                result = await run_in_thread(
+                    self.writer, functools.partial(run, to_normal=to_normal)
+                )
             except sqlite3.Error as exc:
                 raise self._translate(exc) from exc
-            finally:
-                if pragma is not None:
-                    # It ran first (or failed, and then FULL stays: only slower).
-                    self._synchronous_full = False
             self._storage_full = False
             return result
 
