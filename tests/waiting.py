@@ -36,3 +36,16 @@ async def until(
         if time.monotonic() >= deadline:
             raise AssertionError(f"not reached: {value}")
         await asyncio.sleep(interval)
+
+
+async def feed_until(
+    client: Any, done: Callable[[list[dict[str, Any]]], Any], **params: Any
+) -> list[dict[str, Any]]:
+    """The event feed's items (``GET /v1/events`` with ``params``) once ``done`` accepts
+    them. On PostgreSQL the feed serves an event only when every transaction older than its
+    own has ended, so an event may come a moment after the change that wrote it."""
+    response = await until(
+        lambda: client.get("/v1/events", params=params), lambda r: done(r.json()["items"])
+    )
+    items: list[dict[str, Any]] = response.json()["items"]
+    return items

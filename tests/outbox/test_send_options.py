@@ -27,6 +27,7 @@ from tests.outbox.conftest import (
     wait_status,
 )
 from tests.servers.smtp import SMTPDServer, SMTPTLSFiles
+from tests.waiting import feed_until
 
 
 def outbox_url(account_id: str) -> str:
@@ -82,7 +83,12 @@ async def test_metadata_and_tags_round_trip_and_filter_the_list(
     # Delivered: the outgoing.sent events carry metadata and tags.
     for message in (first, second, plain):
         await wait_status(client, account_id, message["id"])
-    events = (await client.get("/v1/events", params={"types": "outgoing.sent"})).json()["items"]
+    ids = {message["id"] for message in (first, second, plain)}
+
+    def all_sent(items: list[dict[str, Any]]) -> bool:
+        return ids <= {e["data"]["outgoing_id"] for e in items}
+
+    events = await feed_until(client, all_sent, types="outgoing.sent")
     by_id = {e["data"]["outgoing_id"]: e["data"] for e in events}
     assert by_id[first["id"]]["metadata"] == first["metadata"]
     assert by_id[first["id"]]["tags"] == ["receipt", "shop:eu"]

@@ -42,7 +42,7 @@ from tests.retrieval.conftest import (
     held_at_pass,
     scripted_account,
 )
-from tests.waiting import until
+from tests.waiting import feed_until, until
 
 HOUR_S = 3600.0
 
@@ -340,7 +340,5 @@ async def test_a_poll_stored_at_its_end_has_its_record_and_event(
             "schedule",
         )
         assert listed["messages_on_server"] == 3 and listed["finished_at"] is not None
-        events = (await client.get("/v1/events")).json()["items"]
-        assert [
-            e["data"]["retrieval_id"] for e in events if e["type"] == "retrieval.succeeded"
-        ] == [ended.id]
+        events = await feed_until(client, bool, types="retrieval.succeeded")
+        assert [e["data"]["retrieval_id"] for e in events] == [ended.id]

@@ -24,7 +24,7 @@ from service.domain.accounts import Account
 from tests.api.conftest import API_KEY, make_settings
 from tests.pop3.fault_server import ScriptedServer
 from tests.retrieval.conftest import LOOPBACK, account_json, held_at_pass, scripted_account
-from tests.waiting import until
+from tests.waiting import feed_until, until
 
 pytestmark = pytest.mark.sqlite_only  # PostgreSQL stores every retrieval as it starts
 
@@ -106,8 +106,7 @@ async def test_an_empty_poll_is_one_write_and_keeps_its_record(
             0,
         )
         assert listed["started_at"] is not None and listed["finished_at"] is not None
-        events = (await app.http.get("/v1/events")).json()["items"]
-        ended = [e for e in events if e["type"] == "retrieval.succeeded"]
+        ended = await feed_until(app.http, bool, types="retrieval.succeeded")
         assert [e["data"]["retrieval_id"] for e in ended] == [poll.id]
 
 

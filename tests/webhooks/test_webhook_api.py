@@ -10,6 +10,7 @@ from typing import Any
 from litestar.testing import AsyncTestClient
 
 from tests.api.conftest import OTHER_TENANT_KEY
+from tests.waiting import feed_until
 from tests.webhooks.conftest import ClientFactory, register, until_received
 from tests.webhooks.receiver import Receiver
 
@@ -119,13 +120,7 @@ async def test_a_4xx_fails_without_retry_and_410_disables_the_endpoint(
     await _attempts(client, hook["id"], 2)
     got = (await client.get(f"/v1/webhooks/{hook['id']}")).json()
     assert got["enabled"] is False and got["disabled_reason"] == "gone"
-    # (Polled: on PostgreSQL an event is served once older transactions have ended.)
-    for _ in range(1000):
-        events = (await client.get("/v1/events", params={"types": "webhook.disabled"})).json()
-        if events["items"]:
-            break
-        await asyncio.sleep(0.02)
-    [disabled] = events["items"]
+    [disabled] = await feed_until(client, bool, types="webhook.disabled")
     assert disabled["data"] == {"webhook_id": hook["id"], "url": receiver.url, "reason": "gone"}
     assert disabled["account_id"] is None
     # Enabled again by the caller: delivered again.
@@ -219,12 +214,8 @@ async def test_an_endpoint_failing_for_the_whole_window_is_disabled(
     attempts = await _attempts(client, hook["id"], 1)
     assert {a["outcome"] for a in attempts} <= {"failed", "retrying"}, attempts
     assert all(a["response_status"] == 503 for a in attempts), attempts
-    for _ in range(1000):
-        events = (await client.get("/v1/events", params={"types": "webhook.disabled"})).json()
-        if events["items"]:
-            break
-        await asyncio.sleep(0.02)
-    assert events["items"][0]["data"]["reason"] == "failing"
+    events = await feed_until(client, bool, types="webhook.disabled")
+    assert events[0]["data"]["reason"] == "failing"
 
 
 async def test_an_event_that_failed_its_whole_window_disables_at_once(
