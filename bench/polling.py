@@ -6,7 +6,8 @@ Run from the repository root::
     .venv/bin/python bench/polling.py --accounts 10000 --interval-minutes 5    # the target
     .venv/bin/python bench/polling.py --profile 400                            # cProfile
 
-One Mailroom app runs in this process with default settings (SQLite, 8 retrieval slots,
+One Mailroom app runs in this process, on uvloop as ``python -m service`` runs it
+(``--loop asyncio``: the standard library's loop), with default settings (SQLite, 8 retrieval slots,
 15 s scheduler tick, first polls spread over min(interval, 5 min)); only the database, the
 API key, the allowed networks and the CA file are set. N accounts are created over the API
 with a poll interval, each on its own empty Dovecot mailbox. After one interval of warm-up
@@ -50,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -373,8 +375,17 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=2)
     parser.add_argument("--modes", default="plain,tls")
     parser.add_argument("--profile", type=int, default=0, help="profile this many empty polls")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the event loop: uvloop (as python -m service runs), or the standard library's",
+    )
     args = parser.parse_args()
-    asyncio.run(main_async(args))
+    if args.loop == "uvloop":
+        uvloop.run(main_async(args))
+    else:
+        asyncio.run(main_async(args))
     return 0
 
 
