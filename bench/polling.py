@@ -7,11 +7,12 @@ Run from the repository root::
     .venv/bin/python bench/polling.py --profile 400                            # cProfile
 
 One Mailroom app runs in this process, on uvloop as ``python -m service`` runs it
-(``--loop asyncio``: the standard library's loop), with default settings (SQLite, 8 retrieval slots,
-15 s scheduler tick, first polls spread over min(interval, 5 min)); only the database, the
-API key, the allowed networks and the CA file are set. N accounts are created over the API
-with a poll interval, each on its own empty Dovecot mailbox. After one interval of warm-up
-(the first, spread, polls), the scheduler's polls are watched for ``--cycles`` intervals:
+(``--loop asyncio``: the standard library's loop), with default settings (SQLite, 8
+retrieval slots, 15 s scheduler tick, first polls spread over min(interval, 5 min)); only
+the database, the API key, the allowed networks and the CA file are set. N accounts are
+created over the API with a poll interval, each on its own empty Dovecot mailbox. After one
+interval of warm-up (the first, spread, polls), the scheduler's polls are watched for
+``--cycles`` intervals:
 
 - polls/s: scheduled polls started in the window / its length (the ideal is N / interval);
 - lateness: for each poll, when the scheduler started it minus when it was due (p50, p99,
@@ -19,8 +20,9 @@ with a poll interval, each on its own empty Dovecot mailbox. After one interval 
 - CPU ms per empty poll: this process's CPU time (every thread) over the window / polls.
 
 The baseline, in the same run and process: a bare asyncio POP3 empty poll (connect, USER,
-PASS, UIDL, QUIT; no store, no scheduler) at 8 at a time, over the same mailboxes: its CPU
-per poll is the floor. Plain POP3 first, then implicit TLS (``--modes plain,tls``).
+PASS, UIDL, QUIT; no store, no scheduler) at 8 at a time on the same loop, over the same
+mailboxes: its CPU per poll is the floor. Plain POP3 first, then implicit TLS (``--modes
+plain,tls``).
 
 ``--profile K``: K empty polls through the retrieval service (the scheduler's trigger),
 8 at a time: CPU per poll without the profiler, then cProfile's top functions. Run it with
