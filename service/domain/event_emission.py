@@ -16,7 +16,7 @@ from service.domain.event_payloads import (
     payload,
 )
 from service.domain.events import EventType, NewEvent, new_event
-from service.domain.retrievals import MessageSummary, RetrievalError, RetrievalProgress
+from service.domain.retrievals import MessageSummary, Retrieval, RetrievalError, RetrievalProgress
 
 #: Delivery outcomes reported as events (a message queued again after an interrupted
 #: attempt, or cancelled by the caller, is not).
@@ -62,6 +62,20 @@ def messages_received(
         )
         for s in summaries
     ]
+
+
+def ended_retrieval_event(tenant: str, r: Retrieval) -> NewEvent | None:
+    """:func:`retrieval_ended` for a retrieval stored only once it is over (``r`` as it
+    ended)."""
+    progress = RetrievalProgress(
+        messages_on_server=r.messages_on_server,
+        messages_downloaded=r.messages_downloaded,
+        bytes_downloaded=r.bytes_downloaded,
+        messages_deleted=r.messages_deleted,
+        messages_skipped=r.messages_skipped,
+    )
+    at = r.finished_at or r.created_at
+    return retrieval_ended(tenant, r.account_id, r.id, r.status.value, at, progress, r.error)
 
 
 def retrieval_ended(

@@ -24,7 +24,7 @@ import msgspec
 
 from service.codes import ErrorCode
 from service.domain.enums import RetrievalStatus, RetrievalTrigger
-from service.domain.event_emission import retrieval_ended
+from service.domain.event_emission import ended_retrieval_event, retrieval_ended
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
 from service.domain.time import from_text, opt_from_text, opt_to_text, to_text
 from service.repository.database import Database
@@ -257,15 +257,7 @@ class SQLiteRetrievalRepository:
         when the account is gone."""
         r = retrieval
         assert r.status not in ACTIVE, "only an ended retrieval is added this way"
-        event = retrieval_ended(
-            tenant,
-            r.account_id,
-            r.id,
-            r.status.value,
-            r.finished_at or r.created_at,
-            _progress(r),
-            r.error,
-        )
+        event = ended_retrieval_event(tenant, r)
         events = [event] if event is not None else []
 
         def write(raw: sqlite3.Connection) -> frozenset[str] | None:
@@ -379,16 +371,6 @@ def _next_poll_statement(
         "UPDATE accounts SET next_poll_at = ? WHERE poll_interval_minutes IS NOT"
         " NULL AND id = (SELECT account_id FROM retrievals WHERE id = ?)",
         (to_text(at), retrieval_id),
-    )
-
-
-def _progress(r: Retrieval) -> RetrievalProgress:
-    return RetrievalProgress(
-        messages_on_server=r.messages_on_server,
-        messages_downloaded=r.messages_downloaded,
-        bytes_downloaded=r.bytes_downloaded,
-        messages_deleted=r.messages_deleted,
-        messages_skipped=r.messages_skipped,
     )
 
 

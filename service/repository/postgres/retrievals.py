@@ -8,7 +8,7 @@ from typing import Any
 
 from service.codes import ErrorCode
 from service.domain.enums import RetrievalStatus, RetrievalTrigger
-from service.domain.event_emission import retrieval_ended
+from service.domain.event_emission import ended_retrieval_event, retrieval_ended
 from service.domain.retrievals import Retrieval, RetrievalError, RetrievalProgress
 from service.repository.pages import Page, page_of
 from service.repository.postgres.database import PgDatabase, Record, rowcount
@@ -220,22 +220,7 @@ class PgRetrievalRepository:
             )
             if rowcount(status_line) <= 0:
                 return False
-            progress = RetrievalProgress(
-                messages_on_server=r.messages_on_server,
-                messages_downloaded=r.messages_downloaded,
-                bytes_downloaded=r.bytes_downloaded,
-                messages_deleted=r.messages_deleted,
-                messages_skipped=r.messages_skipped,
-            )
-            event = retrieval_ended(
-                tenant,
-                r.account_id,
-                r.id,
-                r.status.value,
-                r.finished_at or r.created_at,
-                progress,
-                r.error,
-            )
+            event = ended_retrieval_event(tenant, r)
             if event is not None:
                 await insert_events(conn, [event])
             if next_poll_at is not None:
