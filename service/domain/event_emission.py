@@ -67,15 +67,8 @@ def messages_received(
 def ended_retrieval_event(tenant: str, r: Retrieval) -> NewEvent | None:
     """:func:`retrieval_ended` for a retrieval stored only once it is over (``r`` as it
     ended)."""
-    progress = RetrievalProgress(
-        messages_on_server=r.messages_on_server,
-        messages_downloaded=r.messages_downloaded,
-        bytes_downloaded=r.bytes_downloaded,
-        messages_deleted=r.messages_deleted,
-        messages_skipped=r.messages_skipped,
-    )
     at = r.finished_at or r.created_at
-    return retrieval_ended(tenant, r.account_id, r.id, r.status.value, at, progress, r.error)
+    return retrieval_ended(tenant, r.account_id, r.id, r.status.value, at, r.progress(), r.error)
 
 
 def retrieval_ended(

@@ -32,6 +32,16 @@ class Retrieval(msgspec.Struct, frozen=True, kw_only=True):
     messages_skipped: int = 0
     error: RetrievalError | None = None
 
+    def progress(self) -> RetrievalProgress:
+        """Its counts as they stand."""
+        return RetrievalProgress(
+            messages_on_server=self.messages_on_server,
+            messages_downloaded=self.messages_downloaded,
+            bytes_downloaded=self.bytes_downloaded,
+            messages_deleted=self.messages_deleted,
+            messages_skipped=self.messages_skipped,
+        )
+
 
 class RetrievalProgress(msgspec.Struct, frozen=True, kw_only=True):
     messages_on_server: int | None

@@ -526,13 +526,7 @@ class RetrievalService:
             outcome = _Outcome(
                 status=status,
                 finished_at=utcnow(),
-                progress=RetrievalProgress(
-                    messages_on_server=active.messages_on_server,
-                    messages_downloaded=active.messages_downloaded,
-                    bytes_downloaded=active.bytes_downloaded,
-                    messages_deleted=active.messages_deleted,
-                    messages_skipped=active.messages_skipped,
-                ),
+                progress=active.progress(),
                 error=RetrievalError(code, f"{detail}; nothing was deleted that was not stored"),
             )
         await self._record(active.id, outcome)
